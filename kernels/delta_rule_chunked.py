@@ -1,0 +1,91 @@
+"""Fast CPU path for the gated delta rule: the chunked (WY / UT-transform) form in batched PyTorch.
+
+Chunks of C = 64 tokens start at each sequence's own start; the last chunk of a sequence is padded
+with q = k = v = 0, g = 0, beta = 0, which changes neither its outputs nor the state (qwen35 §4.4).
+All intra-chunk work (cumulative gate, strictly lower beta*K*K^T*decay, its unit-triangular solve,
+w/u, the intra-chunk attention) is one batched op over every chunk of a window; the only loop
+is the sequential pass over chunk positions, batched over sequences and heads.
+
+Shape legend:
+    T tokens (flat, all rows), N sequences, G chunk positions in a window, C chunk size (64),
+    HV value heads, K key dim, V value dim.
+"""
+import torch
+
+from kernels.delta_rule_reference import check_delta_rule_shapes, expand_qk, sequence_spans
+
+CHUNK = 64
+WINDOW_TOKENS = 4096  # bounds the intermediate memory: about this many tokens' chunks at a time
+
+
+def with_zero_row(x):
+    """x [T, ...] -> [T + 1, ...]; row T is zeros, where padded chunk slots read from."""
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+
+
+def chunk_token_index(starts_N, lens_N, first_chunk, num_chunks, pad_row):
+    """Flat token row of every (sequence, chunk position, slot): [N, G, C]; pad_row where past the end."""
+    offs_GC = (torch.arange(first_chunk, first_chunk + num_chunks) * CHUNK)[:, None] + torch.arange(CHUNK)
+    rows_NGC = starts_N[:, None, None] + offs_GC
+    return torch.where(offs_GC < lens_N[:, None, None], rows_NGC, pad_row)
+
+
+def intra_chunk(q, k, v, g, beta):
+    """Everything that does not depend on the incoming state, batched over chunks.
+    q, k [..., C, K]; v [..., C, V]; g, beta [..., C]. Returns (q_eff, pu, w, u, k_dec, chunk_decay) with
+    o = q_eff @ S + pu,  v' = u - w @ S,  S' = chunk_decay * S + k_dec^T @ v'."""
+    gamma = g.cumsum(-1)
+    causal_CC = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
+    diff = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal_CC, float("-inf"))
+    decay_CC = diff.exp()
+    system = (k * beta[..., None]) @ k.transpose(-1, -2) * decay_CC
+    rhs = torch.cat([v * beta[..., None], k * (beta * gamma.exp())[..., None]], dim=-1)
+    # (I + strictly-lower(system)) X = rhs; the diagonal is taken as 1 (unitriangular)
+    sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u, w = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
+    attn = q @ k.transpose(-1, -2) * decay_CC
+    q_eff = q * gamma.exp()[..., None] - attn @ w
+    k_dec = k * (gamma[..., -1:] - gamma).exp()[..., None]
+    return q_eff, attn @ u, w, u, k_dec, gamma[..., -1].exp()[..., None, None]
+
+
+def state_pass(parts, state_NHKV):
+    """Sequential pass over the G chunk positions of a window; parts are [N, G, HV, C, ·]."""
+    q_eff, pu, w, u, k_dec, chunk_decay = parts
+    outs = []
+    for c in range(q_eff.shape[1]):
+        outs.append(q_eff[:, c] @ state_NHKV + pu[:, c])
+        v_new = u[:, c] - w[:, c] @ state_NHKV
+        state_NHKV = chunk_decay[:, c] * state_NHKV + k_dec[:, c].transpose(-1, -2) @ v_new
+    return torch.stack(outs, dim=1), state_NHKV
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                             cu_seqlens=None, use_qk_l2norm_in_kernel=False):
+    """Same contract as `kernels.chunk_gated_delta_rule` (q, k [B, T, H, K]; v [B, T, HV, V];
+    g, beta [B, T, HV]; initial_state [N, HV, K, V] fp32) -> (o [B, T, HV, V], final [N, HV, K, V] | None)."""
+    check_delta_rule_shapes(q, k, v, g, beta)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    scale = K ** -0.5 if scale is None else scale
+    q4, k4 = expand_qk(q, k, HV, scale, use_qk_l2norm_in_kernel)
+    flat = [with_zero_row(x.reshape(B * T, *x.shape[2:]).float()) for x in (q4, k4, v, g, beta)]
+    spans = sequence_spans(B, T, cu_seqlens)
+    starts_N = torch.tensor([b * T + s for b, s, _ in spans], dtype=torch.long)
+    lens_N = torch.tensor([e - s for _, s, e in spans], dtype=torch.long)
+    N = len(spans)
+    state = (torch.zeros(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is None
+             else initial_state.float().clone())
+    o_flat = torch.zeros(B * T + 1, HV, V, dtype=torch.float32, device=q.device)
+    n_chunks_N = (lens_N + CHUNK - 1) // CHUNK
+    first = 0
+    while first < int(n_chunks_N.max()):
+        active_A = (n_chunks_N > first).nonzero().squeeze(1)
+        width = max(1, WINDOW_TOKENS // (CHUNK * len(active_A)))
+        rows = chunk_token_index(starts_N[active_A], lens_N[active_A], first, width, B * T).to(q.device)
+        parts = intra_chunk(*[x[rows].movedim(3, 2) for x in flat])  # each [A, G, HV, C, ·]
+        out_AGHCV, state[active_A] = state_pass(parts, state[active_A])
+        o_flat[rows] = out_AGHCV.movedim(2, 3)
+        first += width
+    o = o_flat[: B * T].reshape(B, T, HV, V).to(v.dtype)
+    return o, (state if output_final_state else None)

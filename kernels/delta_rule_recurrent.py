@@ -1,0 +1,55 @@
+"""Fast CPU path for decode: the per-token recurrence, batched over sequences and heads.
+
+Each step advances every sequence by one of its tokens; sequences shorter than the longest read a
+zero row with g = 0 and beta = 0, which leaves their state exactly unchanged. With
+ssm_state_indices the states are rows of a pool, gathered once and written back once (in place),
+so untouched slots are never written.
+
+Shape legend: T tokens (flat), N sequences, L longest sequence, HV value heads, K key dim, V value dim.
+"""
+import torch
+
+from kernels.delta_rule_chunked import with_zero_row
+from kernels.delta_rule_reference import check_delta_rule_shapes, expand_qk, sequence_spans
+
+
+def step_rows(spans, seq_len):
+    """Flat token row of each sequence's i-th token: [L, N], pad = total tokens (the zero row)."""
+    starts_N = torch.tensor([b * seq_len + s for b, s, _ in spans], dtype=torch.long)
+    lens_N = torch.tensor([e - s for _, s, e in spans], dtype=torch.long)
+    steps_L = torch.arange(int(lens_N.max()) if len(spans) else 0)[:, None]
+    pad = len(spans) and spans[-1][0] * seq_len + seq_len
+    return torch.where(steps_L < lens_N, starts_N + steps_L, pad)
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               cu_seqlens=None, ssm_state_indices=None, use_qk_l2norm_in_kernel=False):
+    """Same contract as `kernels.fused_recurrent_gated_delta_rule`."""
+    check_delta_rule_shapes(q, k, v, g, beta)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    scale = K ** -0.5 if scale is None else scale
+    q4, k4 = expand_qk(q, k, HV, scale, use_qk_l2norm_in_kernel)
+    q_T, k_T, v_T, g_T, b_T = [with_zero_row(x.reshape(B * T, *x.shape[2:]).float()) for x in (q4, k4, v, g, beta)]
+    spans = sequence_spans(B, T, cu_seqlens)
+    rows_LN = step_rows(spans, T).to(q.device)
+    N = len(spans)
+    if initial_state is None:
+        S_NHKV = torch.zeros(N, HV, K, V, dtype=torch.float32, device=q.device)
+    elif ssm_state_indices is None:
+        S_NHKV = initial_state.float().clone()
+    else:
+        S_NHKV = initial_state[ssm_state_indices].float()
+    o_T = torch.zeros(B * T + 1, HV, V, dtype=torch.float32, device=q.device)
+    for rows_N in rows_LN:
+        S_NHKV = S_NHKV * g_T[rows_N].exp()[..., None, None]
+        k_NHK = k_T[rows_N]
+        read_NHV = (k_NHK.unsqueeze(-2) @ S_NHKV).squeeze(-2)
+        u_NHV = b_T[rows_N][..., None] * (v_T[rows_N] - read_NHV)
+        S_NHKV = S_NHKV + k_NHK.unsqueeze(-1) * u_NHV.unsqueeze(-2)
+        o_T[rows_N] = (q_T[rows_N].unsqueeze(-2) @ S_NHKV).squeeze(-2)
+    o = o_T[: B * T].reshape(B, T, HV, V).to(v.dtype)
+    if ssm_state_indices is not None:
+        initial_state[ssm_state_indices] = S_NHKV.to(initial_state.dtype)
+        return o, (initial_state if output_final_state else None)
+    return o, (S_NHKV if output_final_state else None)

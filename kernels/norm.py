@@ -1,0 +1,32 @@
+"""RMSNorms of the model: zero-centred RMSNorm and the gated RMSNorm after the delta rule.
+
+Both normalise over the last dim in fp32 (HF Qwen3_5MoeRMSNorm / Qwen3_5MoeRMSNormGated).
+Shape legend: R rows (anything in front of the last dim), D normalised dim.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_reference(x, weight, eps):
+    """Zero-centred RMSNorm: x [..., D], weight [D] -> (x * rsqrt(mean(x^2) + eps)) * (1 + w), x's dtype."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).to(x.dtype)
+
+
+def gated_rms_norm_reference(x, z, weight, eps):
+    """Gated RMSNorm, norm before gate: x, z [..., D], weight [D] (plain weight, not 1 + w) ->
+    w * norm(x).to(x.dtype) * silu(z) in fp32, cast to x's dtype."""
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return ((weight * normed) * F.silu(z.float())).to(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    """Zero-centred RMSNorm over the last dim: x [..., D], weight [D] -> [..., D] in x's dtype."""
+    return rms_norm_reference(x, weight, eps)
+
+
+def gated_rms_norm(x, z, weight, eps):
+    """Gated RMSNorm over the last dim: x, z [..., D], weight [D] -> [..., D] in x's dtype."""
+    return gated_rms_norm_reference(x, z, weight, eps)

@@ -1,0 +1,48 @@
+"""Fast CPU causal conv vs the one-sequence-at-a-time reference (and HF's torch fallback)."""
+import pytest
+import torch
+
+from kernels import causal_conv1d_fn, causal_conv1d_update
+from kernels.conv_reference import naive_causal_conv1d_fn, naive_causal_conv1d_update
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_packed_conv_with_pool_matches_reference(activation, use_bias, assert_rms_close):
+    lens, C, W = [1, 5, 2, 9], 24, 3
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    x, weight = torch.randn(sum(lens), C), torch.randn(C, W + 1)
+    bias = torch.randn(C) if use_bias else None
+    pool = torch.randn(7, C, W)
+    slots, warm = torch.tensor([5, 0, 2, 3]), torch.tensor([True, False, True, True])
+    ref_pool = pool.clone()
+    y = causal_conv1d_fn(x, weight, bias, activation, cu, pool, slots, warm)
+    y_ref = naive_causal_conv1d_fn(x, weight, bias, activation, cu, ref_pool, slots, warm)
+    assert_rms_close(y, y_ref, 1e-6, "y")
+    assert torch.equal(pool, ref_pool)
+
+
+def test_conv_no_leak_across_sequences():
+    x, weight = torch.randn(6, 4), torch.randn(4, 4)
+    y_packed = causal_conv1d_fn(x, weight, cu_seqlens=torch.tensor([0, 2, 6]))
+    assert torch.allclose(y_packed[2:], causal_conv1d_fn(x[2:], weight), atol=1e-6)
+
+
+def test_conv_matches_hf_fallback():
+    hf = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    x, weight = torch.randn(11, 8, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
+    y_hf = hf.causal_conv1d_fn(x.T[None], weight, None, "silu")
+    y = causal_conv1d_fn(x, weight)
+    assert torch.allclose(y.float(), y_hf[0].T.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_update_matches_reference(assert_rms_close):
+    C, W = 16, 3
+    x, weight, bias = torch.randn(3, C), torch.randn(C, W + 1), torch.randn(C)
+    pool = torch.randn(6, C, W)
+    slots = torch.tensor([4, 0, 2])
+    ref_pool = pool.clone()
+    y = causal_conv1d_update(x, pool, weight, bias, "silu", slots)
+    y_ref = naive_causal_conv1d_update(x, ref_pool, weight, bias, "silu", slots)
+    assert_rms_close(y, y_ref, 1e-6, "y")
+    assert torch.equal(pool, ref_pool)

@@ -1,0 +1,17 @@
+"""Norms vs HF's Qwen3_5MoeRMSNorm / Qwen3_5MoeRMSNormGated modules."""
+import pytest
+import torch
+
+from kernels import gated_rms_norm, rms_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_match_hf(dtype):
+    hf = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    x, z = torch.randn(5, 3, 32, dtype=dtype) * 3, torch.randn(5, 3, 32, dtype=dtype)
+    norm, gated = hf.Qwen3_5MoeRMSNorm(32, eps=1e-6).to(dtype), hf.Qwen3_5MoeRMSNormGated(32, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+        gated.weight.normal_(1, 0.5)
+        assert torch.equal(rms_norm(x, norm.weight, 1e-6), norm(x))
+        assert torch.equal(gated_rms_norm(x, z, gated.weight, 1e-6), gated(x, z))
