@@ -1,0 +1,107 @@
+"""Gated full attention over a paged KV cache.
+
+q_proj emits, per head, the query and an output gate side by side ([q_h | gate_h]); q and k are
+RMS-normalised per head before partial RoPE; GQA; the attention output is multiplied by
+sigmoid(gate) before o_proj. New K/V are written into their cache blocks first, then each query
+attends to its sequence's whole context read back from the blocks.
+
+Legend: T packed new tokens, N sequences, H hidden, NH query heads, KVH kv heads, D head dim,
+B cache blocks, P block size, S context length of one sequence, Q query chunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.batch import ForwardBatch
+from model.norm import RMSNorm
+from model.rotary import RotaryEmbedding
+
+QUERY_CHUNK = 1024   # long prompts attend in query chunks, so no T x T score matrix is built
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, num_heads * head_dim * 2, bias=False)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def forward(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, kv_cache) -> torch.Tensor:
+        T, NH, KVH, D = x_TH.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q_TN2D = self.q_proj(x_TH).view(T, NH, 2 * D)
+        q_TND, gate_TND = q_TN2D[..., :D], q_TN2D[..., D:]
+        k_TKD = self.k_proj(x_TH).view(T, KVH, D)
+        v_TKD = self.v_proj(x_TH).view(T, KVH, D)
+        q_TND = RotaryEmbedding.apply(self.q_norm(q_TND), cos_TR, sin_TR)
+        k_TKD = RotaryEmbedding.apply(self.k_norm(k_TKD), cos_TR, sin_TR)
+        k_cache, v_cache = kv_cache
+        k_cache.view(-1, KVH, D)[batch.slot_mapping] = k_TKD
+        v_cache.view(-1, KVH, D)[batch.slot_mapping] = v_TKD
+        if batch.is_decode:
+            o_TND = decode_attention(q_TND, k_cache, v_cache, batch)
+        else:
+            o_TND = prefill_attention(q_TND, k_TKD, v_TKD, k_cache, v_cache, batch)
+        o_TX = o_TND.reshape(T, NH * D) * torch.sigmoid(gate_TND.reshape(T, NH * D))
+        return self.o_proj(o_TX)
+
+
+def gather_context(cache_BPKD: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` cached positions, [S, KVH, D]."""
+    P = cache_BPKD.shape[1]
+    blocks = table[: (length + P - 1) // P]
+    return cache_BPKD[blocks].flatten(0, 1)[:length]
+
+
+def prefill_attention(q_TND, k_TKD, v_TKD, k_cache, v_cache, batch: ForwardBatch):
+    """Causal attention for sequences whose new tokens sit at the end of their context."""
+    out_TND = torch.empty_like(q_TND)
+    cu = batch.cu_seqlens.tolist()
+    for i, (q_len, ctx) in enumerate(zip(batch.query_lens, batch.context_lens_host)):
+        s, e = cu[i], cu[i + 1]
+        if q_len == ctx:   # nothing cached: attend to the fresh K/V directly
+            k_SKD, v_SKD = k_TKD[s:e], v_TKD[s:e]
+        else:
+            k_SKD = gather_context(k_cache, batch.block_tables[i], ctx)
+            v_SKD = gather_context(v_cache, batch.block_tables[i], ctx)
+        out_TND[s:e] = causal_attention(q_TND[s:e], k_SKD, v_SKD)
+    return out_TND
+
+
+def causal_attention(q_QND, k_SKD, v_SKD) -> torch.Tensor:
+    """Queries are the last Q of the S context positions; query chunks bound the score memory."""
+    Q, S = q_QND.shape[0], k_SKD.shape[0]
+    k, v = k_SKD.transpose(0, 1)[None], v_SKD.transpose(0, 1)[None]       # [1, KVH, S, D]
+    out = []
+    for start in range(0, Q, QUERY_CHUNK):
+        q = q_QND[start:start + QUERY_CHUNK].transpose(0, 1)[None]        # [1, NH, Qc, D]
+        first = S - Q + start                                             # context pos of row 0
+        if first == 0 and q.shape[2] == S:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            end = first + q.shape[2]
+            rows = torch.arange(first, end, device=q.device)[:, None]
+            mask = torch.arange(end, device=q.device)[None, :] <= rows       # [Qc, end]
+            o = F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=mask,
+                                               enable_gqa=True)
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def decode_attention(q_NND, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+    """One query per sequence over its whole context; sequences padded to the longest."""
+    N, P = q_NND.shape[0], k_cache.shape[1]
+    S = max(batch.context_lens_host)
+    tables_NB = batch.block_tables[:, : (S + P - 1) // P]
+    k = k_cache[tables_NB].flatten(1, 2)[:, :S].transpose(1, 2)              # [N, KVH, S, D]
+    v = v_cache[tables_NB].flatten(1, 2)[:, :S].transpose(1, 2)
+    valid_NS = torch.arange(S, device=q_NND.device)[None, :] < batch.context_lens[:, None]
+    q = q_NND[:, :, None, :]                                                # [N, NH, 1, D]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid_NS[:, None, None, :],
+                                       enable_gqa=True)
+    return o[:, :, 0, :]

@@ -1,0 +1,103 @@
+"""The hybrid text model: embed -> N x [Gated DeltaNet | gated attention] + [MoE | MLP] -> norm ->
+lm_head. One class serves Qwen3.5 MoE, Qwen3.5 dense and Qwen3-Next (whose grouped on-disk
+projections the checkpoint loader un-groups into this layout).
+
+A step reads a packed batch (model/batch.py) and reads/writes the hybrid cache; logits are only
+computed for the rows the batch asks for.
+
+Legend: T packed new tokens, H hidden, L rows that need logits, Vocab vocabulary rows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import GatedAttention
+from model.batch import ForwardBatch, HybridCache
+from model.config import ModelConfig
+from model.deltanet import GatedDeltaNet
+from model.moe import MLP, SparseMoE
+from model.norm import RMSNorm
+from model.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, experts: range | None = None):
+        super().__init__()
+        self.index, H = index, cfg.hidden_size
+        self.is_linear = cfg.layer_types[index] == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(H, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                                             cfg.linear_key_head_dim, cfg.linear_value_head_dim,
+                                             cfg.linear_conv_kernel_dim, cfg.rms_norm_eps)
+        else:
+            self.self_attn = GatedAttention(H, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                            cfg.head_dim, cfg.rms_norm_eps)
+        if cfg.layer_is_moe(index):
+            self.mlp = SparseMoE(H, cfg.num_experts, cfg.num_experts_per_tok,
+                                 cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size,
+                                 cfg.norm_topk_prob, experts)
+        else:
+            self.mlp = MLP(H, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+
+    def forward(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, cache: HybridCache):
+        h_TH = x_TH + self.mix(self.input_layernorm(x_TH), cos_TR, sin_TR, batch, cache)
+        return h_TH + self.mlp(self.post_attention_layernorm(h_TH))
+
+    def mix(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, cache: HybridCache):
+        i = self.index
+        if self.is_linear:
+            return self.linear_attn(x_TH, batch, cache.conv[i], cache.ssm[i])
+        return self.self_attn(x_TH, cos_TR, sin_TR, batch, cache.kv[i])
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, experts: range | None = None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg)
+
+    def forward(self, x_TH, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
+        cos_TR, sin_TR = self.rotary.cos_sin(batch.positions, x_TH.dtype)
+        for layer in self.layers:
+            x_TH = layer(x_TH, cos_TR, sin_TR, batch, cache)
+        return self.norm(x_TH)
+
+
+class HybridForCausalLM(nn.Module):
+    """`model(input_ids_T, batch, cache)` -> logits [L, Vocab] for batch.logits_indices."""
+
+    def __init__(self, cfg: ModelConfig, experts: range | None = None):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg, experts)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: HybridCache,
+                inputs_embeds_TH: torch.Tensor | None = None) -> torch.Tensor:
+        x_TH = self.model.embed_tokens(input_ids_T) if inputs_embeds_TH is None else inputs_embeds_TH
+        h_TH = self.model(x_TH, batch, cache)
+        if batch.logits_indices is not None:
+            h_TH = h_TH[batch.logits_indices]
+        return self.lm_head(h_TH)
+
+    @staticmethod
+    def empty(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+              experts: range | None = None) -> "HybridForCausalLM":
+        """Allocated but uninitialised parameters (no init pass), for loading or random fill."""
+        with torch.device("meta"):
+            model = HybridForCausalLM(cfg, experts)
+        model = model.to(dtype).to_empty(device=device)
+        model.model.rotary = RotaryEmbedding(cfg).to(device)     # buffers are computed, not loaded
+        return model
+
+    def new_cache(self, num_blocks: int, block_size: int, num_slots: int) -> HybridCache:
+        p = self.lm_head.weight
+        return HybridCache(self.config, num_blocks, block_size, num_slots, p.dtype, p.device)
