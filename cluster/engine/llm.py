@@ -1,0 +1,115 @@
+"""The offline API: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.chat(...)`.
+
+`model` is a checkpoint directory or `preset:NAME`, which writes that preset's random
+checkpoint into ~/.cache/deltaray/presets/NAME (or $DELTARAY_CACHE/presets/NAME) on first use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cluster.engine.config import EngineConfig
+from cluster.engine.engine import Engine, PromptInput
+from cluster.engine.output import RequestOutput
+from cluster.engine.sampling_params import SamplingParams
+from model.checkpoint import load_model, resolve_dtype
+from model.processor import Tokenizer
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DELTARAY_CACHE", Path.home() / ".cache" / "deltaray"))
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A checkpoint directory; `preset:NAME` is written once, atomically, into the cache."""
+    text = str(model)
+    if not text.startswith("preset:"):
+        path = Path(text)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model {text!r}: no config.json there (or use preset:NAME)")
+        return path
+    name = text.removeprefix("preset:")
+    target = cache_root() / "presets" / name
+    if not (target / "config.json").exists():
+        from model.random_checkpoint import write_random_checkpoint
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        write_random_checkpoint(name, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:                      # another process won the race; theirs is complete
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def eos_token_ids(path: Path) -> list[int]:
+    """EOS ids from generation_config.json (int or list), else config.json."""
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.exists():
+            eos = json.loads(file.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+class LLM:
+    def __init__(self, model: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                 seed: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, kv_cache_memory: int | None = None,
+                 block_size: int = 16, gpu_memory_utilization: float = 0.9):
+        config = EngineConfig(max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                              kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
+                              seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+        self.model_dir = resolve_model_dir(model)
+        self.model = load_model(self.model_dir, dtype=resolve_dtype(dtype), device=device)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        self.engine = Engine(self.model, self.tokenizer, config, eos_token_ids(self.model_dir))
+        self.request_counter = 0
+
+    def generate(self, prompts: PromptInput | list[PromptInput],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        priority = priority or [0] * len(prompts)
+        requests = [self.engine.new_request(self.next_id(), p, sp, pr)      # validate all first
+                    for p, sp, pr in zip(prompts, params, priority)]
+        for req in requests:
+            self.engine.add(req)
+        return self.run_to_completion([r.request_id for r in requests])
+
+    def chat(self, conversations: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             enable_thinking: bool = False, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Chat-template each conversation (list of {"role", "content"}) and generate."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True,
+                                                      enable_thinking=enable_thinking)
+                   for c in conversations]
+        return self.generate([{"prompt": p} if isinstance(p, str) else p for p in prompts],
+                             sampling_params)
+
+    def next_id(self) -> str:
+        self.request_counter += 1
+        return str(self.request_counter - 1)
+
+    def run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in request_ids]

@@ -1,0 +1,98 @@
+"""Turn one row of logits per sequence into the next token, as the sequence's settings say.
+
+Order: penalties (repetition on prompt+output, presence/frequency on output) and min_tokens
+masking on the raw logits -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> draw.
+A draw is argmax(p / e) with e ~ Exp(1) from the sequence's own generator, so a seeded request
+gives the same tokens whatever else shares the batch. Reported logprobs are those of the raw
+model distribution (before penalties and temperature), as vLLM reports them by default.
+
+Legend: N sequences to sample, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+from cluster.engine.sequence import Sequence
+
+NEG_INF = float("-inf")
+
+
+def apply_penalties(logits_V: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits_V.device)
+        vals = logits_V[seen]
+        logits_V[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                     vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+        out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits_V.device)
+        counts_V = torch.bincount(out, minlength=logits_V.numel()).to(logits_V.dtype)
+        logits_V -= p.frequency_penalty * counts_V + p.presence_penalty * (counts_V > 0)
+    return logits_V
+
+
+def mask_stops_before_min_tokens(logits_V: torch.Tensor, seq: Sequence,
+                                 eos_token_ids: list[int]) -> torch.Tensor:
+    p = seq.params
+    if seq.num_output_tokens < p.min_tokens:
+        banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+        if banned:
+            logits_V[torch.tensor(banned, device=logits_V.device)] = NEG_INF
+    return logits_V
+
+
+def filter_top_k_top_p_min_p(logits_V: torch.Tensor, top_k: int, top_p: float,
+                             min_p: float) -> torch.Tensor:
+    """Set every logit outside the kept set to -inf; the kept set is never empty."""
+    V = logits_V.numel()
+    if 0 < top_k < V:
+        kth = torch.topk(logits_V, top_k).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_V, order_V = torch.sort(logits_V, descending=True)
+        cum_V = torch.softmax(sorted_V, dim=-1).cumsum(-1)
+        drop_sorted_V = (cum_V - torch.softmax(sorted_V, dim=-1)) >= top_p   # mass before it
+        logits_V = logits_V.scatter(0, order_V, sorted_V.masked_fill(drop_sorted_V, NEG_INF))
+    if min_p > 0.0:
+        probs_V = torch.softmax(logits_V, dim=-1)
+        logits_V = logits_V.masked_fill(probs_V < min_p * probs_V.max(), NEG_INF)
+    return logits_V
+
+
+def draw(logits_V: torch.Tensor, generator: torch.Generator) -> int:
+    probs_V = torch.softmax(logits_V.float(), dim=-1)
+    noise_V = torch.empty_like(probs_V).exponential_(generator=generator)
+    return int((probs_V / noise_V).argmax())
+
+
+def top_logprobs(logprobs_V: torch.Tensor, token_id: int, k: int) -> dict[int, float]:
+    """{token: logprob} for the k most likely tokens plus `token_id` itself."""
+    out = {}
+    if k > 0:
+        vals, ids = torch.topk(logprobs_V, k)
+        out = dict(zip(ids.tolist(), vals.tolist()))
+    out[token_id] = float(logprobs_V[token_id])
+    return out
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int]):
+        self.eos_token_ids = list(eos_token_ids)
+
+    def sample(self, logits_NV: torch.Tensor, seqs: list[Sequence]):
+        """One (token_id, logprob, top_logprobs or None) per sequence."""
+        logprobs_NV = torch.log_softmax(logits_NV.float(), dim=-1)
+        return [self.sample_one(logits_NV[i].float().clone(), logprobs_NV[i], seq)
+                for i, seq in enumerate(seqs)]
+
+    def sample_one(self, logits_V: torch.Tensor, logprobs_V: torch.Tensor, seq: Sequence):
+        p = seq.params
+        logits_V = apply_penalties(logits_V, seq)
+        logits_V = mask_stops_before_min_tokens(logits_V, seq, self.eos_token_ids)
+        if p.greedy:
+            token = int(logits_V.argmax())
+        else:
+            logits_V = filter_top_k_top_p_min_p(logits_V / p.temperature, p.top_k, p.top_p, p.min_p)
+            token = draw(logits_V, seq.generator)
+        tops = None if p.logprobs is None else top_logprobs(logprobs_V, token, p.logprobs)
+        return token, float(logprobs_V[token]), tops
