@@ -22,6 +22,7 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: list[tuple[tuple, Sequence]] = []        # heap keyed by seq.sort_key
         self.running: list[Sequence] = []                       # sorted by seq.sort_key
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -73,6 +74,7 @@ class Scheduler:
     def preempt_lowest(self) -> Sequence:
         """Preemption policy: recompute the lowest-priority, most recently arrived sequence."""
         victim = self.running.pop()
+        self.num_preemptions += 1
         self.cache.free(victim)
         victim.reset_for_recompute()
         self.add(victim)
