@@ -1,11 +1,12 @@
 """Hugging Face checkpoint I/O: safetensors (single file or sharded with an index) <-> our model.
 
-Loading builds the model on the `meta` device, allocates it once, and copies tensors in one at a
-time from memory-mapped files, so peak memory stays close to the weight bytes. It accepts both
+Loading builds the model on the `meta` device, allocates it once, and reads each tensor straight
+into its parameter (model/weight_file.py), so peak memory stays close to the weight bytes. It accepts both
 expert layouts (fused `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I] without a
 `.weight` suffix, and per-expert `experts.{e}.{gate,up,down}_proj.weight`), both prefixes
 (`model.language_model.` and `model.`), and Qwen3-Next's grouped GDN projections. An expert-
-parallel rank loads only `experts` (a contiguous range of global expert ids). Anything missing,
+parallel rank loads only `experts` (a contiguous range of global expert ids), reading only their
+bytes. Anything missing,
 unexpected or wrongly shaped fails loudly, naming the tensor and the file.
 """
 from __future__ import annotations
@@ -15,11 +16,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.config import VL_TYPES, ModelConfig
 from model.hybrid import HybridForCausalLM
+from model.weight_file import WeightFile, WeightFileError
 
 # On-disk prefix -> our prefix. Our module names below the prefix are the Hugging Face ones.
 PREFIX_MAP = {
@@ -27,7 +28,8 @@ PREFIX_MAP = {
     "model.": "model.",
     "lm_head.": "lm_head.",
 }
-IGNORED = re.compile(r"^(mtp\.|model\.visual\.)")       # MTP head (unused), vision tower (later)
+IGNORED = re.compile(r"^mtp\.")                         # MTP head (unused)
+VISUAL = re.compile(r"^model\.visual\.")                 # vision tower: loaded when cfg.vision is set
 PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 FUSED_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
 GROUPED_GDN = re.compile(r"^(model\.layers\.\d+\.linear_attn)\.(in_proj_qkvz|in_proj_ba)\.weight$")
@@ -81,74 +83,77 @@ class Loader:
         self.params = dict(model.named_parameters())
         self.unfilled = set(self.params)
         self.experts = experts or range(cfg.num_experts)
-        self.expert_rows: dict[str, set] = {}     # fused name -> local rows filled (per-expert)
+        self.expert_parts: dict[str, set] = {}     # fused name -> (row, part) filled from files
 
     def load(self, path: Path) -> None:
         for file, names in weight_files(path).items():
             try:
-                with safe_open(str(path / file), framework="pt") as f:
-                    for name in names or f.keys():
-                        self.take(name, lambda n=name: f.get_tensor(n), file)
-            except CheckpointError:
-                raise
-            except Exception as e:   # safetensors raises its own types for corrupt files
-                raise CheckpointError(f"cannot read {path / file}: {e}") from None
+                with WeightFile(path / file) as wf:
+                    for name in names or wf.keys():
+                        if name not in wf.entries:
+                            raise CheckpointError(f"tensor {name} is listed in the index for "
+                                                  f"{file} but is not in that file")
+                        self.take(name, wf)
+            except WeightFileError as e:
+                raise CheckpointError(str(e)) from None
         self.check_complete(path)
 
-    def take(self, disk_name: str, read, file: str) -> None:
-        if IGNORED.match(disk_name):
+    def take(self, disk_name: str, wf: WeightFile) -> None:
+        if IGNORED.match(disk_name) or (VISUAL.match(disk_name) and self.cfg.vision is None):
             return
         name = our_name(disk_name)
+        where = f"{disk_name} in {wf.path.name}"
         if name is None:
-            raise CheckpointError(f"unexpected tensor {disk_name} in {file}")
+            raise CheckpointError(f"unexpected tensor {where}")
         if (m := PER_EXPERT.match(name)):
-            return self.take_expert(m, read, disk_name, file)
+            return self.take_expert(m, wf, disk_name, where)
         if FUSED_EXPERT.match(name):
-            return self.copy(name, read()[self.experts.start:self.experts.stop], disk_name, file)
+            target = self.param(name, where)
+            shape = wf.shape(disk_name)
+            check_shape(shape[1:], target.shape[1:], where, shape)
+            if shape[0] < self.experts.stop:
+                raise CheckpointError(f"tensor {where} holds {shape[0]} experts, "
+                                      f"need ids up to {self.experts.stop - 1}")
+            return self.fill(name, wf, disk_name, rows=self.experts)
         if (m := GROUPED_GDN.match(name)):
-            for part, tensor in ungroup_gdn(m.group(2), read(), self.cfg).items():
-                self.copy(f"{m.group(1)}.{part}.weight", tensor, disk_name, file)
+            for part, tensor in ungroup_gdn(m.group(2), wf.read(disk_name), self.cfg).items():
+                target = self.param(f"{m.group(1)}.{part}.weight", where)
+                check_shape(tensor.shape, target.shape, where)
+                with torch.no_grad():
+                    target.copy_(tensor)
+                self.unfilled.discard(f"{m.group(1)}.{part}.weight")
             return
         if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
             return
-        self.copy(name, read(), disk_name, file)
+        check_shape(wf.shape(disk_name), self.param(name, where).shape, where)
+        self.fill(name, wf, disk_name)
 
-    def take_expert(self, m: re.Match, read, disk_name: str, file: str) -> None:
+    def fill(self, name: str, wf: WeightFile, disk_name: str, rows: range | None = None) -> None:
+        with torch.no_grad():
+            wf.read_into(disk_name, self.params[name].data, rows)
+        self.unfilled.discard(name)
+
+    def take_expert(self, m: re.Match, wf: WeightFile, disk_name: str, where: str) -> None:
         e = int(m.group(2))
         if e not in self.experts:
             return
         row, which = e - self.experts.start, m.group(3)
         fused = f"{m.group(1)}.{'down_proj' if which == 'down' else 'gate_up_proj'}"
-        target = self.param(fused, disk_name, file)
-        tensor = read()
+        target = self.param(fused, where).data
         I = self.cfg.moe_intermediate_size
         dest = {"gate": target[row, :I], "up": target[row, I:], "down": target[row]}[which]
-        self.check_shape(dest, tensor, disk_name, file)
+        check_shape(wf.shape(disk_name), dest.shape, where)
         with torch.no_grad():
-            dest.copy_(tensor)
-        filled = self.expert_rows.setdefault(fused, set())
+            wf.read_into(disk_name, dest)
+        filled = self.expert_parts.setdefault(fused, set())
         filled.add((row, which))
-        parts = 1 if which == "down" else 2
-        if len(filled) == parts * len(self.experts):
+        if len(filled) == (1 if which == "down" else 2) * len(self.experts):
             self.unfilled.discard(fused)
 
-    def param(self, name: str, disk_name: str, file: str) -> torch.nn.Parameter:
+    def param(self, name: str, where: str) -> torch.nn.Parameter:
         if name not in self.params:
-            raise CheckpointError(f"unexpected tensor {disk_name} in {file}")
+            raise CheckpointError(f"unexpected tensor {where}")
         return self.params[name]
-
-    def copy(self, name: str, tensor: torch.Tensor, disk_name: str, file: str) -> None:
-        target = self.param(name, disk_name, file)
-        self.check_shape(target, tensor, disk_name, file)
-        with torch.no_grad():
-            target.copy_(tensor)
-        self.unfilled.discard(name)
-
-    @staticmethod
-    def check_shape(target: torch.Tensor, tensor: torch.Tensor, disk_name: str, file: str):
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise CheckpointError(f"tensor {disk_name} in {file} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(target.shape)}")
 
     def check_complete(self, path: Path) -> None:
         if self.unfilled:
@@ -156,6 +161,13 @@ class Loader:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CheckpointError(f"checkpoint {path} is missing tensor(s) "
                                   f"{', '.join(missing[:5])}{more}")
+
+
+def check_shape(got, expected, where: str, full=None) -> None:
+    if tuple(got) != tuple(expected):
+        shown = tuple(full) if full is not None else tuple(got)
+        raise CheckpointError(f"tensor {where} has shape {shown}, expected {tuple(expected)}"
+                              + (" after the expert dimension" if full is not None else ""))
 
 
 def our_name(disk_name: str) -> str | None:
@@ -190,6 +202,8 @@ def hf_state_dict(model: HybridForCausalLM, fused_experts: bool = True) -> dict[
         if name.startswith("model.rotary") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         disk = prefix + name[len("model."):] if name.startswith("model.") else name
+        if VISUAL.match(name):
+            disk = name
         if not fused_experts and FUSED_EXPERT.match(name):
             out.update(split_experts(disk, p, cfg.moe_intermediate_size))
         else:
