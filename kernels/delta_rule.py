@@ -9,6 +9,7 @@ N sequences, S slots of a state pool.
 """
 from kernels.delta_rule_chunked import chunked_gated_delta_rule
 from kernels.delta_rule_recurrent import recurrent_gated_delta_rule
+from kernels.delta_rule_triton import chunk_gated_delta_rule_triton, fused_recurrent_gated_delta_rule_triton
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -21,6 +22,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     use_qk_l2norm_in_kernel: q, k <- x * rsqrt(sum(x^2) + 1e-6) in fp32 before scaling.
     Returns (o [B, T, HV, V] in v's dtype, final_state [N, HV, K, V] fp32 or None).
     """
+    if q.is_cuda:
+        return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                             cu_seqlens, use_qk_l2norm_in_kernel)
     return chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                                     cu_seqlens, use_qk_l2norm_in_kernel)
 
@@ -34,5 +38,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
     untouched); final_state is then the pool itself (or None unless output_final_state).
     Returns (o [B, T, HV, V] in v's dtype, final_state or None).
     """
+    if q.is_cuda:
+        return fused_recurrent_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                                       cu_seqlens, ssm_state_indices, use_qk_l2norm_in_kernel)
     return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                                       cu_seqlens, ssm_state_indices, use_qk_l2norm_in_kernel)

@@ -4,6 +4,7 @@ Shape legend: N tokens, D hidden, E experts, E_local experts held here, I interm
 """
 from kernels.moe_reference import moe_route  # noqa: F401  (re-exported; routing is tiny, plain torch)
 from kernels.moe_torch import fused_moe_torch
+from kernels.moe_triton import fused_moe_triton
 
 
 def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset=0):
@@ -15,4 +16,6 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset=0):
     nothing (expert parallelism). Returns y [N, D] in x's dtype; the weighted sum is accumulated
     in x's dtype with the weights cast to it first, like HF.
     """
+    if x.is_cuda:
+        return fused_moe_triton(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset)
     return fused_moe_torch(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset)

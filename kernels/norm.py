@@ -6,6 +6,8 @@ Shape legend: R rows (anything in front of the last dim), D normalised dim.
 import torch
 import torch.nn.functional as F
 
+from kernels.norm_triton import rms_norm_triton
+
 
 def rms_norm_reference(x, weight, eps):
     """Zero-centred RMSNorm: x [..., D], weight [D] -> (x * rsqrt(mean(x^2) + eps)) * (1 + w), x's dtype."""
@@ -24,9 +26,13 @@ def gated_rms_norm_reference(x, z, weight, eps):
 
 def rms_norm(x, weight, eps):
     """Zero-centred RMSNorm over the last dim: x [..., D], weight [D] -> [..., D] in x's dtype."""
+    if x.is_cuda:
+        return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def gated_rms_norm(x, z, weight, eps):
     """Gated RMSNorm over the last dim: x, z [..., D], weight [D] -> [..., D] in x's dtype."""
+    if x.is_cuda:
+        return rms_norm_triton(x, weight, eps, z)
     return gated_rms_norm_reference(x, z, weight, eps)
