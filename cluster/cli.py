@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate a few completions with the demo checkpoint")
     demo.add_argument("--model", default="preset:demo")
     demo.set_defaults(func=cmd_demo)
+    from pipelines.cli import add_batch_commands
+    add_batch_commands(sub)
     return parser
 
 
