@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     from pipelines.cli import add_batch_commands
     add_batch_commands(sub)
+    from cluster.k8s_render import add_k8s_commands
+    add_k8s_commands(sub)
     return parser
 
 
