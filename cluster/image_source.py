@@ -1,0 +1,70 @@
+"""Where an image content part may come from, checked before anything is read.
+
+`data:` URLs are always accepted (decoded here, size-limited, checked to be an image).
+`s3://BUCKET/KEY` only for buckets in the serve config's allow-list; `http(s)://` only under
+an allow-listed prefix (each prefix names its host and a path, so it cannot match another
+host). Everything else (file:, ftp:, other hosts, internal addresses) is refused: user input
+must never make the server fetch an address of its choosing.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+
+from cluster.api import APIError
+
+MAX_IMAGE_BYTES = 20 << 20
+
+
+@dataclass
+class ImageSource:
+    url: str
+    data: bytes | None = None       # decoded bytes of a data: URL; remote sources are read later
+
+
+def refuse(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_image_url")
+
+
+def decode_data_url(url: str, param: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise refuse(param, "a data URL image must be data:image/<type>;base64,<data>")
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise refuse(param, f"image is larger than {MAX_IMAGE_BYTES} bytes")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise refuse(param, "the data URL is not valid base64") from None
+    check_image(data, param)
+    return data
+
+
+def check_image(data: bytes, param: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise refuse(param, "the data URL does not hold a readable image") from None
+
+
+def check_image_url(url: str, param: str, s3_buckets: list[str],
+                    url_prefixes: list[str]) -> ImageSource:
+    """An accepted image source, or a 400 naming the part and why it was refused."""
+    if url.startswith("data:"):
+        return ImageSource(url, decode_data_url(url, param))
+    if url.startswith("s3://"):
+        bucket = url.removeprefix("s3://").split("/", 1)[0]
+        if bucket in s3_buckets and "/" in url.removeprefix("s3://"):
+            return ImageSource(url)
+        raise refuse(param, f"s3 bucket {bucket!r} is not allowed for images on this server")
+    if url.startswith(("http://", "https://")):
+        if any(url.startswith(prefix) for prefix in url_prefixes) and ".." not in url:
+            return ImageSource(url)
+        raise refuse(param, "image URLs on other hosts are not fetched by this server; "
+                            "send the image as a data: URL")
+    raise refuse(param, "an image URL must be a data: URL (or an allowed s3:// or https:// "
+                        "location)")
