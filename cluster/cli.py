@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_commands(sub)
     from cluster.k8s_render import add_k8s_commands
     add_k8s_commands(sub)
+    from cluster.serve_cli import add_serve_commands
+    add_serve_commands(sub)
     return parser
 
 
