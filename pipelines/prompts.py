@@ -65,6 +65,8 @@ def check_image(data: bytes) -> bytes:
                 raise ValueError(f"image is {img.width}x{img.height} pixels; the limit is "
                                  f"{MAX_IMAGE_PIXELS} pixels")
             img.load()
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image over the pixel limit (decompression-bomb guard): {e}") from None
     except ValueError:
         raise
     except Exception as e:

@@ -132,8 +132,11 @@ def one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "spec"
     message = first["msg"].removeprefix("Value error, ")
+    field = re.match(r"^([a-z_]+): ", message)
     if first["type"] == "extra_forbidden":
         message = "unknown key"
+    elif field:                                  # a cross-field check names its own field
+        where, message = f"{where}.{field.group(1)}", message[field.end():]
     elif first["type"] != "missing" and not message.endswith(")"):
         message += f" (got {first.get('input')!r})"
     more = len(error.errors()) - 1
