@@ -130,3 +130,13 @@ def test_bfloat16_load_tracks_the_reference_in_bfloat16(pair):
     expected = hf_logits(copy.deepcopy(ref).to(torch.bfloat16), ids)
     assert torch.isfinite(logits).all()
     assert rel_err(logits, expected) < 0.1
+
+
+def test_tied_embeddings_match_transformers(tmp_path):
+    """Small dense Qwen3.5 sizes tie lm_head to embed_tokens; the file then has no lm_head."""
+    ref = hf_model("dense", seed=5, tie=True)
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = prompt(65, seed=5)
+    assert rel_err(full_forward(ours, ids), hf_logits(ref, ids)) < TOL
