@@ -91,7 +91,8 @@ def read_job(raw) -> dict:
             "ep_size": _number(res, "ep_size", where, 1, 1, True),
             "gpus_per_rank": _number(res, "gpus_per_rank", where, 0, 0, False),
             "cpus": _number(res, "cpus_per_replica", where, 1, 0.001, False),
-            "credentials": not storage.get("anonymous", False)}
+            "credentials": not storage.get("anonymous", False),
+            "where": where, "gpus_field": "gpus_per_rank"}
 
 
 def read_serve(raw) -> tuple[dict, dict]:
@@ -112,7 +113,8 @@ def read_serve(raw) -> tuple[dict, dict]:
               "min_replicas": scaling.min_replicas if scaling else config.num_replicas,
               "ep_size": config.ep_size, "gpus_per_rank": config.num_gpus,
               "cpus": config.num_cpus or DATA_CPUS, "credentials": True,
-              "api_key_env": config.api_key_env, "api_key_file": config.api_key_file}
+              "api_key_env": config.api_key_env, "where": "serve config",
+              "gpus_field": "num_gpus"}
     return fields, config.to_serve_config()
 
 
@@ -120,15 +122,15 @@ def pod_shape(job: dict, gpus_per_node: int) -> dict:
     """GPUs, CPUs and memory of one worker pod, and how many pods the replicas need."""
     gpus = job["ep_size"] * job["gpus_per_rank"]
     if gpus != int(gpus):
-        raise ValueError(f"resources.gpus_per_rank: ep_size × gpus_per_rank = {gpus} is not a "
-                         "whole number of GPUs per replica")
+        raise ValueError(f"{job['where']}.{job['gpus_field']}: ep_size × {job['gpus_field']} = "
+                         f"{gpus:g} is not a whole number of GPUs per replica")
     gpus = int(gpus)
     if gpus == 0:
         cpus = math.ceil(job["cpus"]) + DATA_CPUS
         return {"gpus": 0, "cpus": cpus, "memory_gib": MEMORY_GIB_PER_CPU * cpus, "pods": 1}
     if gpus > gpus_per_node and gpus % gpus_per_node:
-        raise ValueError(f"resources: a replica of {gpus} GPUs must fill whole nodes of "
-                         f"{gpus_per_node} GPUs (ep_size × gpus_per_rank)")
+        raise ValueError(f"{job['where']}: a replica of ep_size × {job['gpus_field']} = {gpus} "
+                         f"GPUs must fill whole nodes of {gpus_per_node} GPUs")
     per_pod = min(gpus, gpus_per_node)
     return {"gpus": per_pod, "cpus": CPUS_PER_GPU * per_pod,
             "memory_gib": MEMORY_GIB_PER_GPU * per_pod, "pods": gpus // per_pod}
