@@ -17,6 +17,10 @@ MOE_TYPES = {"qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"}
 DENSE_TYPES = {"qwen3_5", "qwen3_5_text"}
 VL_TYPES = {"qwen3_5_moe", "qwen3_5"}
 LAYER_KINDS = ("linear_attention", "full_attention")
+# Fields a checkpoint must state (defaults would silently build the wrong shapes).
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads")
+MOE_REQUIRED = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 class ConfigError(ValueError):
@@ -25,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """Vision tower settings (the tower itself comes with the vision issue)."""
+    """Vision tower settings (model/vision.py); the defaults are the released 1152-wide tower."""
     depth: int = 27
     hidden_size: int = 1152
     intermediate_size: int = 4304
@@ -146,6 +150,11 @@ class ModelConfig:
             need(0 < self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
                  f"{self.num_experts_per_tok} not in 1..num_experts={self.num_experts}")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
+        if self.vision is not None:
+            need(self.vision.out_hidden_size == self.hidden_size, "vision_config.out_hidden_size",
+                 f"{self.vision.out_hidden_size} differs from the text hidden_size {self.hidden_size}")
+            need((self.vision.hidden_size // self.vision.num_heads) % 4 == 0, "vision_config.num_heads",
+                 "vision head dim (hidden_size / num_heads) must be a multiple of 4 (2-D rotary)")
         if not all(self.layer_is_moe(i) for i in range(self.num_hidden_layers)):
             need(self.intermediate_size > 0, "intermediate_size",
                  "dense MLP layers need a positive intermediate_size")
@@ -169,9 +178,12 @@ class ModelConfig:
         if model_type not in MOE_TYPES | DENSE_TYPES:
             raise ConfigError(f"config field 'model_type': unsupported value {model_type!r}; "
                               f"expected one of {sorted(MOE_TYPES | DENSE_TYPES)}")
-        text = dict(raw.get("text_config") or raw) if model_type in VL_TYPES else dict(raw)
-        if model_type in VL_TYPES and "text_config" not in raw:
+        if model_type in VL_TYPES and not isinstance(raw.get("text_config"), dict):
             raise ConfigError(f"config field 'text_config': missing for model_type {model_type!r}")
+        text = dict(raw["text_config"]) if model_type in VL_TYPES else dict(raw)
+        for name in REQUIRED + (MOE_REQUIRED if model_type in MOE_TYPES else ("intermediate_size",)):
+            if name not in text:
+                raise ConfigError(f"config field '{name}': missing")
         kw = _text_fields(text, model_type)
         if model_type in VL_TYPES:
             kw["vision"] = _vision_config(raw.get("vision_config"))
@@ -297,19 +309,23 @@ _QWEN35 = dict(rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[11, 11
 
 PRESETS: dict[str, ModelConfig] = {
     # tests: both layer types, 4 layers, 8 experts; real vocabulary; loads in about a second
-    "tiny": ModelConfig(model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_layers=4,
+    "tiny": ModelConfig(model_type="qwen3_5_moe", hidden_size=64, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                     linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2,
                     moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                    mrope_section=[2, 1, 1], max_position_embeddings=262144),
+                    mrope_section=[2, 1, 1], max_position_embeddings=262144,
+                    vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                        out_hidden_size=64, num_position_embeddings=64)),
     # CPU demo: ~190M parameters (127M of them the two 248K-row embedding matrices)
-    "demo": ModelConfig(model_type="qwen3_5_moe_text", hidden_size=256, num_hidden_layers=8,
+    "demo": ModelConfig(model_type="qwen3_5_moe", hidden_size=256, num_hidden_layers=8,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                     linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32,
                     linear_value_head_dim=32, num_experts=32, num_experts_per_tok=4,
                     moe_intermediate_size=256, shared_expert_intermediate_size=256,
-                    mrope_section=[4, 2, 2], max_position_embeddings=262144),
+                    mrope_section=[4, 2, 2], max_position_embeddings=262144,
+                    vision=VisionConfig(depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
+                                        out_hidden_size=256, num_position_embeddings=256)),
     "qwen3.5-397b-a17b": ModelConfig(model_type="qwen3_5_moe", hidden_size=4096, num_hidden_layers=60,
                                  num_attention_heads=32, num_key_value_heads=2,
                                  linear_num_value_heads=64, num_experts=512, num_experts_per_tok=10,

@@ -19,6 +19,7 @@ from model.deltanet import GatedDeltaNet
 from model.moe import MLP, SparseMoE
 from model.norm import RMSNorm
 from model.rotary import RotaryEmbedding
+from model.vision import VisionModel
 
 
 class DecoderLayer(nn.Module):
@@ -79,6 +80,8 @@ class HybridForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.vision is not None:          # under model.visual, as in the checkpoint
+            self.model.visual = VisionModel(cfg.vision)
 
     def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: HybridCache,
                 inputs_embeds_TH: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,6 +91,31 @@ class HybridForCausalLM(nn.Module):
             h_TH = h_TH[batch.logits_indices]
         return self.lm_head(h_TH)
 
+    def encode_images(self, pixel_values_NP: torch.Tensor, grid_thw_I3: torch.Tensor) -> torch.Tensor:
+        """Vision tokens [M, H] for preprocessed images (model/image_processor.py), in order."""
+        w = self.model.embed_tokens.weight
+        return self.model.visual(pixel_values_NP.to(w.device), grid_thw_I3).to(w.dtype)
+
+    def embed(self, input_ids_T: torch.Tensor, pixel_values_NP: torch.Tensor | None = None,
+              grid_thw_I3: torch.Tensor | None = None,
+              image_embeds_MH: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [T, H] with vision tokens written into the image placeholder rows.
+
+        Pass either the preprocessed images or their precomputed `encode_images` rows (M = the
+        number of image placeholders in input_ids_T, in order; e.g. a chunk's slice).
+        """
+        x_TH = self.model.embed_tokens(input_ids_T)
+        if pixel_values_NP is not None:
+            image_embeds_MH = self.encode_images(pixel_values_NP, grid_thw_I3)
+        if image_embeds_MH is None:
+            return x_TH
+        mask_T = input_ids_T == self.config.image_token_id
+        if int(mask_T.sum()) != image_embeds_MH.shape[0]:
+            raise ValueError(f"{int(mask_T.sum())} image placeholder tokens but "
+                             f"{image_embeds_MH.shape[0]} vision tokens")
+        x_TH[mask_T] = image_embeds_MH.to(x_TH.dtype)
+        return x_TH
+
     @staticmethod
     def empty(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
               experts: range | None = None) -> "HybridForCausalLM":
@@ -95,6 +123,8 @@ class HybridForCausalLM(nn.Module):
         with torch.device("meta"):
             model = HybridForCausalLM(cfg, experts)
         model = model.to(dtype).to_empty(device=device)
+        if cfg.tie_word_embeddings:                   # to_empty gives each name its own tensor
+            model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary = RotaryEmbedding(cfg).to(device)     # buffers are computed, not loaded
         return model
 

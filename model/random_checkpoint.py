@@ -17,6 +17,7 @@ import torch
 from model.checkpoint import resolve_dtype, save_checkpoint
 from model.config import ModelConfig
 from model.hybrid import HybridForCausalLM
+from model.image_processor import ImageProcessorConfig
 from model.vocabulary import write_tokenizer_files
 
 EOS_TOKEN_IDS = [248046, 248044]          # <|im_end|>, <|endoftext|>
@@ -34,6 +35,9 @@ def randomize_(model: HybridForCausalLM, seed: int) -> None:
 
 
 def random_value(name: str, p: torch.Tensor, gen: torch.Generator, depth_scale: float):
+    if name.startswith("model.visual."):
+        return random_vision_value(name, p, gen, depth_scale)
+
     def normal(std: float, mean: float = 0.0):
         return torch.randn(p.shape, generator=gen) * std + mean
 
@@ -56,6 +60,23 @@ def random_value(name: str, p: torch.Tensor, gen: torch.Generator, depth_scale: 
     return normal(scale / math.sqrt(fan_in))
 
 
+def random_vision_value(name: str, p: torch.Tensor, gen: torch.Generator, depth_scale: float):
+    """Vision tower: LayerNorms are plain (weight around 1), biases small, the patch embedding's
+    fan-in is its whole flattened patch (C * T * p * p)."""
+    def normal(std: float, mean: float = 0.0):
+        return torch.randn(p.shape, generator=gen) * std + mean
+
+    if ".norm" in name and name.endswith(".weight"):
+        return normal(0.1, 1.0)
+    if name.endswith(".bias"):
+        return normal(0.02)
+    if name.endswith("pos_embed.weight"):
+        return normal(0.5)
+    fan_in = p[0].numel() if p.dim() > 2 else p.shape[-1]
+    scale = depth_scale if name.endswith(("attn.proj.weight", "mlp.linear_fc2.weight")) else 1.0
+    return normal(scale / math.sqrt(fan_in))
+
+
 def write_random_checkpoint(preset: str | ModelConfig, out_dir: str | Path, seed: int = 0,
                             dtype: str = "float32", max_shard_bytes: int = 512 << 20) -> Path:
     cfg = ModelConfig.preset(preset) if isinstance(preset, str) else preset
@@ -68,4 +89,10 @@ def write_random_checkpoint(preset: str | ModelConfig, out_dir: str | Path, seed
     generation = {"eos_token_id": EOS_TOKEN_IDS, "pad_token_id": PAD_TOKEN_ID,
                   "bos_token_id": None}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if cfg.vision is not None:
+        processor = ImageProcessorConfig(patch_size=cfg.vision.patch_size,
+                                         temporal_patch_size=cfg.vision.temporal_patch_size,
+                                         merge_size=cfg.vision.spatial_merge_size)
+        (out / "preprocessor_config.json").write_text(
+            json.dumps(processor.to_hf_dict(), indent=2) + "\n")
     return out
