@@ -47,8 +47,9 @@ def resolve_model_dir(model: str | Path) -> Path:
     return target
 
 
-def eos_token_ids(path: Path) -> list[int]:
+def eos_token_ids(path: str | Path) -> list[int]:
     """EOS ids from generation_config.json (int or list), else config.json."""
+    path = Path(path)
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.exists():

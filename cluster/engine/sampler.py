@@ -2,8 +2,8 @@
 
 Order: penalties (repetition on prompt+output, presence/frequency on output) and min_tokens
 masking on the raw logits -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> draw.
-A draw is argmax(p / e) with e ~ Exp(1) from the sequence's own generator, so a seeded request
-gives the same tokens whatever else shares the batch. Reported logprobs are those of the raw
+A draw takes one uniform number from the sequence's own generator, so a seeded request gives
+the same tokens whatever else shares the batch. Reported logprobs are those of the raw
 model distribution (before penalties and temperature), as vLLM reports them by default.
 
 Legend: N sequences to sample, V vocabulary.
@@ -60,9 +60,11 @@ def filter_top_k_top_p_min_p(logits_V: torch.Tensor, top_k: int, top_p: float,
 
 
 def draw(logits_V: torch.Tensor, generator: torch.Generator) -> int:
-    probs_V = torch.softmax(logits_V.float(), dim=-1)
-    noise_V = torch.empty_like(probs_V).exponential_(generator=generator)
-    return int((probs_V / noise_V).argmax())
+    """Inverse-CDF draw with one uniform number (a tensor of exponentials over V is ~20x slower
+    on CPU); the first index whose cumulative mass exceeds u never has zero probability."""
+    cdf_V = torch.softmax(logits_V.float(), dim=-1).cumsum(-1)
+    u = torch.rand((), generator=generator) * cdf_V[-1]
+    return min(int(torch.searchsorted(cdf_V, u, right=True)), logits_V.numel() - 1)
 
 
 def top_logprobs(logprobs_V: torch.Tensor, token_id: int, k: int) -> dict[int, float]:
