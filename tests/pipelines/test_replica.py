@@ -1,0 +1,111 @@
+"""The infer stage without Ray: ModelReplica against LLM.generate / LLM.chat on the same prompts."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipelines.replica import ModelReplica, supports_images
+from pipelines.spec import parse_spec
+from tests.pipelines.conftest import png
+
+
+def record(i: int, prompt: str = "", **extra) -> dict:
+    return {"id": f"r{i}", "_shard": "s", "_row": i, "_rel": "f", "prompt": prompt, "system": "",
+            "image": b"", "body": "", "keep": "{}", "error": "", **extra}
+
+
+def batch(records: list[dict]) -> dict:
+    return {k: [r[k] for r in records] for k in records[0]}
+
+
+def replica(model: str, **task) -> ModelReplica:
+    return ModelReplica(parse_spec({
+        "name": "t", "model": model, "input": {"uri": "/x"}, "output": {"uri": "/y"},
+        "task": task, "sampling": {"max_tokens": 5}}).model_dump_json())
+
+
+@pytest.fixture(scope="module")
+def chat_replica(tiny_checkpoint):
+    return replica(str(tiny_checkpoint), kind="chat", max_prompt_tokens=40)
+
+
+def with_task(rep: ModelReplica, **task) -> ModelReplica:
+    """The same loaded model under another task (one model load for the whole file)."""
+    from pipelines.spec import TaskSpec
+    rep.spec = rep.spec.model_copy(update={"task": TaskSpec(**task)})
+    return rep
+
+
+def rows(out: dict) -> list[dict]:
+    return [dict(zip(out, values)) for values in zip(*out.values())]
+
+
+def test_chat_rows_match_llm_chat_and_bad_rows_become_errors(chat_replica):
+    from cluster.engine import SamplingParams
+    prompts = ["Bonjour le monde", "日本語のテキスト", "Hola " * 60, "x"]
+    recs = [record(i, p) for i, p in enumerate(prompts)]
+    recs.append(record(4, error="malformed JSON line: boom"))
+    recs.append(record(5, "look", image=png()))
+    recs[1]["system"] = "Reply in English."
+    got = rows(with_task(chat_replica, kind="chat", max_prompt_tokens=40)(batch(recs)))
+    llm = chat_replica.llm
+    convs = [[{"role": "user", "content": prompts[0]}],
+             [{"role": "system", "content": "Reply in English."},
+              {"role": "user", "content": prompts[1]}],
+             [{"role": "user", "content": prompts[3]}]]
+    want = llm.chat(convs, SamplingParams(max_tokens=5, temperature=0.0, seed=0))
+    for row, out in zip([got[0], got[1], got[3]], want):
+        assert row["text"] == out.outputs[0].text and row["error"] == ""
+        assert row["prompt_tokens"] == len(out.prompt_token_ids)
+        assert row["completion_tokens"] == len(out.outputs[0].token_ids)
+        assert row["finish_reason"] == out.outputs[0].finish_reason
+    assert got[2]["error"].startswith("prompt has ") and "over task.max_prompt_tokens=40" in got[2]["error"]
+    assert got[4]["error"] == "malformed JSON line: boom"
+    if not supports_images(llm):
+        assert got[5]["error"].endswith("has no vision tower; image rows need a vision-language "
+                                        "checkpoint")
+
+
+def test_truncate_keeps_the_prompt_within_the_limit(chat_replica):
+    rep = with_task(chat_replica, kind="completion", max_prompt_tokens=12, truncate=True)
+    text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    got = rows(rep(batch([record(0, text)])))[0]
+    assert got["error"] == "" and got["prompt_tokens"] == 12
+    ids = rep.llm.tokenizer.encode(text)
+    from cluster.engine import SamplingParams
+    want = rep.llm.generate(rep.llm.tokenizer.decode(ids[:12]),
+                            SamplingParams(max_tokens=5, temperature=0.0))[0]
+    assert got["text"] == want.outputs[0].text
+
+
+def test_score_is_the_prompt_logprob_sum(chat_replica):
+    from cluster.engine import SamplingParams
+    rep = with_task(chat_replica, kind="score")
+    texts = ["The quick brown fox jumps", "Zxq"]
+    got = rows(rep(batch([record(i, t) for i, t in enumerate(texts)])))
+    outs = rep.llm.generate(texts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+    for row, out in zip(got, outs):
+        ids = out.prompt_token_ids
+        total = sum(out.prompt_logprobs[j][ids[j]] for j in range(1, len(ids)))
+        assert row["prompt_tokens"] == len(ids) and row["logprob_sum"] == pytest.approx(total)
+        assert total < 0 and row["perplexity"] == pytest.approx(math.exp(-total / (len(ids) - 1)))
+
+
+def test_openai_batch_bodies(chat_replica):
+    from cluster.engine import SamplingParams
+    chat = {"_url": "/v1/chat/completions", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3}
+    comp = {"_url": "/v1/completions", "prompt": "Once upon", "max_tokens": 2}
+    empty = {"_url": "/v1/chat/completions", "messages": []}
+    recs = [record(i, body=json.dumps(b)) for i, b in enumerate([chat, comp, empty])]
+    got = rows(chat_replica(batch(recs)))
+    llm = chat_replica.llm
+    want_chat = llm.chat([{"role": "user", "content": "hi"}],
+                         SamplingParams(max_tokens=3, temperature=0.0))[0]
+    want_comp = llm.generate("Once upon", SamplingParams(max_tokens=2, temperature=0.0))[0]
+    assert (got[0]["kind"], got[0]["text"]) == ("chat", want_chat.outputs[0].text)
+    assert (got[1]["kind"], got[1]["text"]) == ("completion", want_comp.outputs[0].text)
+    assert got[1]["completion_tokens"] == 2
+    assert got[2]["error"] == "OpenAI batch body needs a non-empty 'messages' list"
