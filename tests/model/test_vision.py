@@ -173,3 +173,31 @@ def test_text_only_prompt_on_a_vl_checkpoint_matches(pair):
         batch = ForwardBatch.build([40], [0], [[1, 2, 3]], [1], 16, logits="all")
         got = ours(ids[0], batch, ours.new_cache(4, 16, 2))
     assert rel_err(got, expected) < TOL
+
+
+def test_tiny_preset_is_a_vision_language_checkpoint(tiny_checkpoint):
+    import json
+    from safetensors import safe_open
+    from model.config import ModelConfig
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert raw["model_type"] == "qwen3_5_moe" and "vision_config" in raw and "text_config" in raw
+    pre = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
+    assert pre["size"] == {"shortest_edge": 65536, "longest_edge": 16777216}
+    assert (pre["patch_size"], pre["temporal_patch_size"], pre["merge_size"]) == (16, 2, 2)
+    assert pre["image_mean"] == pre["image_std"] == [0.5, 0.5, 0.5]
+    with safe_open(str(tiny_checkpoint / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any(n.startswith("model.visual.blocks.1.") for n in names)
+    assert any(n.startswith("model.language_model.layers.") for n in names)
+
+    model = load_model(tiny_checkpoint)
+    assert model.model.visual.merger.norm.weight.std() > 0.01      # randomised, not LayerNorm init
+    img = image(300, 200, 7)
+    mm = prepare_multimodal([1, START, model.config.image_token_id, END, 2], [img],
+                            ImageProcessor.from_pretrained(tiny_checkpoint), model.config)
+    logits = run_chunks(model, mm, [len(mm.token_ids) // 2])
+    assert torch.isfinite(logits).all()
+
+    text_only = load_model(tiny_checkpoint, config=ModelConfig.from_pretrained(tiny_checkpoint)
+                           .with_overrides(vision=None))            # model.visual.* is skipped
+    assert not hasattr(text_only.model, "visual")
