@@ -112,11 +112,14 @@ class ServeConfig(Spec):
 
     def deployment_options(self) -> dict:
         """Ray Serve deployment options: replicas, concurrency, back-pressure, resources."""
+        # The app itself queues max_queued_requests and answers 503 + Retry-After (an OpenAI
+        # body) beyond that, so Serve lets that many in, plus a few for /health and /metrics.
+        # Serve's own router queue holds a burst while it is being assigned to replicas; it is
+        # as large again, so only a real overload meets its (plain-text) 503.
+        capacity = self.max_ongoing_requests + self.max_queued_requests + 8
         options = {
-            # the app queues max_queued_requests itself (answering 503 + Retry-After beyond it);
-            # a few more places let /health and /metrics through a full replica
-            "max_ongoing_requests": self.max_ongoing_requests + self.max_queued_requests + 8,
-            "max_queued_requests": self.max_queued_requests,
+            "max_ongoing_requests": capacity,
+            "max_queued_requests": capacity,
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "health_check_period_s": 10,
