@@ -69,3 +69,15 @@ def test_recurrent_pool_updates_only_its_slots(assert_rms_close):
     untouched = torch.tensor([i for i in range(8) if i not in slots.tolist()])
     assert torch.equal(pool[untouched], before[untouched])
     assert not torch.equal(pool[slots], before[slots])
+
+
+def test_chunked_matches_naive_at_4096_tokens_packed(assert_rms_close):
+    lens = [3000, 1, 1095]  # T = 4096 in all, windows and chunk boundaries crossed mid-sequence
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    q, k, v, g, beta = make_inputs(1, sum(lens), 1, 2, 16, 16)
+    args = dict(initial_state=torch.randn(3, 2, 16, 16), output_final_state=True, cu_seqlens=cu,
+                use_qk_l2norm_in_kernel=True)
+    o, final = chunk_gated_delta_rule(q, k, v, g, beta, **args)
+    o_ref, final_ref = naive_gated_delta_rule(q, k, v, g, beta, **args)
+    assert_rms_close(o, o_ref, 1e-5, "o")
+    assert_rms_close(final, final_ref, 1e-5, "final state")
