@@ -97,23 +97,26 @@ class HybridForCausalLM(nn.Module):
         return self.model.visual(pixel_values_NP.to(w.device), grid_thw_I3).to(w.dtype)
 
     def embed(self, input_ids_T: torch.Tensor, pixel_values_NP: torch.Tensor | None = None,
-              grid_thw_I3: torch.Tensor | None = None,
-              image_embeds_MH: torch.Tensor | None = None) -> torch.Tensor:
+              grid_thw_I3: torch.Tensor | None = None, image_embeds_MH: torch.Tensor | None = None,
+              image_mask_T: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [T, H] with vision tokens written into the image placeholder rows.
 
-        Pass either the preprocessed images or their precomputed `encode_images` rows (M = the
-        number of image placeholders in input_ids_T, in order; e.g. a chunk's slice).
+        Pass either the preprocessed images or their precomputed `encode_images` rows (M rows,
+        in order; e.g. one chunk's slice). image_mask_T (bool [T]) picks the rows to overwrite;
+        default: every image_token_id, which is wrong only when a packed step also holds a
+        generated <|image_pad|> token of another sequence (MultimodalPrompt.image_mask avoids it).
         """
         x_TH = self.model.embed_tokens(input_ids_T)
         if pixel_values_NP is not None:
             image_embeds_MH = self.encode_images(pixel_values_NP, grid_thw_I3)
         if image_embeds_MH is None:
             return x_TH
-        mask_T = input_ids_T == self.config.image_token_id
-        if int(mask_T.sum()) != image_embeds_MH.shape[0]:
-            raise ValueError(f"{int(mask_T.sum())} image placeholder tokens but "
+        if image_mask_T is None:
+            image_mask_T = input_ids_T == self.config.image_token_id
+        if int(image_mask_T.sum()) != image_embeds_MH.shape[0]:
+            raise ValueError(f"{int(image_mask_T.sum())} image placeholder rows but "
                              f"{image_embeds_MH.shape[0]} vision tokens")
-        x_TH[mask_T] = image_embeds_MH.to(x_TH.dtype)
+        x_TH[image_mask_T.to(x_TH.device)] = image_embeds_MH.to(x_TH.dtype)
         return x_TH
 
     @staticmethod

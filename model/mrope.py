@@ -101,6 +101,13 @@ class MultimodalPrompt:
         after = torch.arange(max(start, T), max(end, T)) + self.rope_delta
         return torch.cat([inside, after.expand(3, -1)], dim=1)
 
+    def image_mask(self, start: int, end: int) -> torch.Tensor:
+        """bool [end - start]: which of token indices start..end-1 are prompt image rows (a
+        generated <|image_pad|> past the prompt is an ordinary token)."""
+        T = len(self.token_ids)
+        inside = torch.tensor(self.token_ids[min(start, T):min(end, T)]) == self.image_token_id
+        return torch.cat([inside, torch.zeros(max(end, T) - max(start, T), dtype=torch.bool)])
+
     def image_rows(self, start: int, end: int) -> tuple[int, int]:
         """Rows [a, b) of the request's vision-encoder output that belong to the image tokens
         among prompt indices start..end-1 (a chunk may split an image span)."""

@@ -201,3 +201,40 @@ def test_tiny_preset_is_a_vision_language_checkpoint(tiny_checkpoint):
     text_only = load_model(tiny_checkpoint, config=ModelConfig.from_pretrained(tiny_checkpoint)
                            .with_overrides(vision=None))            # model.visual.* is skipped
     assert not hasattr(text_only.model, "visual")
+
+
+def test_packed_step_mixing_an_image_chunk_and_a_generated_image_pad_token(pair):
+    """How the engine packs a step: sequence A prefills a chunk that splits an image; sequence B
+    (text) decodes a sampled <|image_pad|> id, which must stay an ordinary token."""
+    ref, ours = pair
+    a = vl_prompt(CASES["two images of different sizes"], ours)
+    b = vl_prompt([12], ours)
+    split = [i for i, t in enumerate(a.token_ids) if t == IMAGE][3]
+    b_ids = b.token_ids + [IMAGE]
+    P = 16
+    cache = ours.new_cache(num_blocks=32, block_size=P, num_slots=3)
+    tables, slots = [list(range(1, 20)), [20, 21]], [2, 0]
+    with torch.no_grad():
+        vision_MH = ours.encode_images(a.pixel_values, a.grid_thw)
+        ids = torch.tensor(a.token_ids[:split])          # A's first chunk, then B's prompt
+        x = ours.embed(ids, image_embeds_MH=vision_MH[slice(*a.image_rows(0, split))])
+        batch = ForwardBatch.build([split], [0], tables[:1], slots[:1], P,
+                                   positions=a.positions(0, split), logits="none")
+        ours(ids, batch, cache, inputs_embeds_TH=x)
+        batch = ForwardBatch.build([12], [0], tables[1:], slots[1:], P, logits="none")
+        ours(torch.tensor(b.token_ids), batch, cache)
+        T = len(a.token_ids)
+        ids = torch.tensor(a.token_ids[split:] + [IMAGE])
+        mask = torch.cat([a.image_mask(split, T), b.image_mask(12, 13)])
+        rows = vision_MH[slice(*a.image_rows(split, T))]
+        x = ours.embed(ids, image_embeds_MH=rows, image_mask_T=mask)
+        positions = torch.cat([a.positions(split, T), b.positions(12, 13)], dim=1)
+        batch = ForwardBatch.build([T - split, 1], [split, 12], tables, slots, P,
+                                   positions=positions, logits="last")
+        got = ours(ids, batch, cache, inputs_embeds_TH=x)
+        ref.model.rope_deltas = None
+        expected_b = ref(input_ids=torch.tensor([b_ids]), use_cache=False).logits[0, -1]
+    assert rel_err(got[0], hf_logits(ref, a)[-1]) < TOL
+    assert rel_err(got[1], expected_b) < TOL
+    with pytest.raises(ValueError, match="image placeholder rows"):
+        ours.embed(ids, image_embeds_MH=rows)        # without the mask B's token is miscounted
