@@ -96,7 +96,7 @@ def causal_attention(q_QND, k_SKD, v_SKD) -> torch.Tensor:
 def decode_attention(q_NND, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
     """One query per sequence over its whole context; sequences padded to the longest."""
     N, P = q_NND.shape[0], k_cache.shape[1]
-    S = max(batch.context_lens_host)
+    S = max(batch.context_lens_host, default=0)     # default: an empty expert-parallel step
     tables_NB = batch.block_tables[:, : (S + P - 1) // P]
     k = k_cache[tables_NB].flatten(1, 2)[:, :S].transpose(1, 2)              # [N, KVH, S, D]
     v = v_cache[tables_NB].flatten(1, 2)[:, :S].transpose(1, 2)

@@ -145,9 +145,13 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     # ---- the loop ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, force: bool = False) -> list[RequestOutput]:
+        """One step. `force`: run the model even with nothing scheduled (an empty batch), as an
+        expert-parallel rank must so that every rank joins each MoE layer's collectives."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if force:
+                self.runner.run_empty()
             return []
         logits = self.runner.run(scheduled)
         return self.postprocess(scheduled, logits)

@@ -63,12 +63,16 @@ class LLM:
     def __init__(self, model: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
                  seed: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None,
-                 block_size: int = 16, gpu_memory_utilization: float = 0.9):
+                 block_size: int = 16, gpu_memory_utilization: float = 0.9, ep_size: int = 1,
+                 gpus_per_rank: float | None = None):
         config = EngineConfig(max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                               kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
                               seed=seed, gpu_memory_utilization=gpu_memory_utilization)
         self.model_dir = resolve_model_dir(model)
+        if ep_size > 1:              # ranks in Ray actors (cluster/replica.py); the API stays
+            from cluster.replica import attach
+            return attach(self, self.model_dir, ep_size, config, dtype, device, gpus_per_rank)
         self.model = load_model(self.model_dir, dtype=resolve_dtype(dtype), device=device)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.engine = Engine(self.model, self.tokenizer, config, eos_token_ids(self.model_dir))

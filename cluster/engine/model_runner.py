@@ -52,6 +52,14 @@ class ModelRunner:
         logits_LV = self.model(input_ids_T, batch, self.cache)
         return StepLogits(logits_LV, sample_rows, prompt_rows)
 
+    @torch.inference_mode()
+    def run_empty(self) -> None:
+        """A forward over zero tokens (T = 0): no cache is touched, no logits come out."""
+        batch = ForwardBatch.build([], [], [], [], self.block_size,
+                                   positions=torch.zeros(3, 0, dtype=torch.long), logits="none",
+                                   device=self.device)
+        self.model(torch.zeros(0, dtype=torch.long, device=self.device), batch, self.cache)
+
     def describe(self, scheduled: list[tuple[Sequence, int]], rows: list[int]) -> ForwardBatch:
         batch = ForwardBatch.build(
             query_lens=[n for _, n in scheduled],
