@@ -107,7 +107,5 @@ def run_job(spec: JobSpec, quiet: bool = False, stop_after_shards: int | None = 
             raise RuntimeError(f"{len(collector.missing)} shards incomplete: "
                                f"{collector.missing[:3]}")
     write_summary(spec, progress)
-    if not quiet:
-        print(f"[batch] job {spec.name!r} done -> {spec.output.uri}\n{progress.table()}",
-              flush=True)
+    print(f"[batch] job {spec.name!r} done -> {spec.output.uri}\n{progress.table()}", flush=True)
     return progress

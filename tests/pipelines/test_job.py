@@ -27,7 +27,7 @@ SAMPLING = {"max_tokens": 4, "temperature": 0.0, "seed": 0}
 @pytest.fixture(scope="module")
 def ray_cluster(s3):
     import ray
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -81,7 +81,8 @@ def test_mixed_corpus_s3_to_s3_matches_llm_chat(ray_cluster, s3, tiny_checkpoint
                        "rows_per_shard": 8})
     progress = run_job(spec, quiet=True)
     got = exactly_once(read_output(fs, "corpus/mix-out", "parquet"))
-    assert len(got) == 36 + 3 + 1 and progress.rows_failed == 3
+    assert len(got) == 36 + 3 + 1
+    assert progress.rows_failed == 3, sorted({r["error"] for r in got.values()})[:3]
     prompts = {f"news.jsonl:{i}": r["text"] for i, r in enumerate(news[:18])}
     prompts.update({f"more.parquet:{i}": r["text"] for i, r in enumerate(news[18:])})
     prompts["docs/readme.md:0"] = "# Hallo\n\nEin kurzes Dokument."
@@ -136,7 +137,8 @@ def openai_corpus(n: int) -> list[dict]:
 def test_openai_batch_resumes_exactly_once(ray_cluster, s3, tiny_checkpoint):
     endpoint, fs = s3
     put(fs, "corpus/oai/requests.jsonl", jsonl(openai_corpus(20)))
-    spec = job(tiny_checkpoint, endpoint, input={"uri": "s3://corpus/oai/requests.jsonl"},
+    spec = job(tiny_checkpoint, endpoint,
+               input={"uri": "s3://corpus/oai/requests.jsonl", "format": "openai_batch"},
                output={"uri": "s3://corpus/oai-out", "format": "openai_batch",
                        "rows_per_shard": 3})
     first = run_job(spec, quiet=True, stop_after_shards=2)     # "killed" after two commits
