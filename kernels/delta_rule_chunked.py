@@ -35,16 +35,18 @@ def chunk_token_index(starts_N, lens_N, first_chunk, num_chunks, pad_row):
 
 def intra_chunk(q, k, v, g, beta):
     """Everything that does not depend on the incoming state, batched over chunks.
-    q, k [..., C, K]; v [..., C, V]; g, beta [..., C]. Returns (q_eff, pu, w, u, k_dec, chunk_decay) with
+    q, k [..., H, 1, C, K] (key heads; broadcast over the R value heads of each); v [..., H, R, C, V];
+    g, beta [..., H, R, C]. Returns (q_eff, pu, w, u, k_dec, chunk_decay), each [..., H, R, C, ·], with
     o = q_eff @ S + pu,  v' = u - w @ S,  S' = chunk_decay * S + k_dec^T @ v'."""
     gamma = g.cumsum(-1)
     causal_CC = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
     diff = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal_CC, float("-inf"))
     decay_CC = diff.exp()
-    system = (k * beta[..., None]) @ k.transpose(-1, -2) * decay_CC
+    system = k @ k.transpose(-1, -2) * (beta[..., None] * decay_CC)  # K K^T once per key head
     # (I + strictly-lower(system)) X = rhs; the diagonal is taken as 1 (unitriangular)
     u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k * (beta * gamma.exp())[..., None], upper=False, unitriangular=True)
+    k_b = k.expand(*beta.shape, k.shape[-1]) * (beta * gamma.exp())[..., None]
+    w = torch.linalg.solve_triangular(system, k_b, upper=False, unitriangular=True)
     attn = q @ k.transpose(-1, -2) * decay_CC
     q_eff = q * gamma.exp()[..., None] - attn @ w
     k_dec = k * (gamma[..., -1:] - gamma).exp()[..., None]
@@ -90,9 +92,10 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
         active_A = (n_chunks_N > first).nonzero().squeeze(1)
         width = max(1, WINDOW_TOKENS // (CHUNK * len(active_A)))
         rows = chunk_token_index(starts_N[active_A], lens_N[active_A], first, width, B * T).to(q.device)
-        q_c, k_c = [x[rows].transpose(2, 3).repeat_interleave(HV // H, dim=2) for x in flat[:2]]
-        v_c, g_c, b_c = [x[rows].transpose(2, 3).contiguous() for x in flat[2:]]
-        parts = intra_chunk(q_c, k_c, v_c, g_c, b_c)  # each [G, A, HV, C, ·]
+        G, A = rows.shape[:2]
+        q_c, k_c = [x[rows].transpose(2, 3).unsqueeze(3).contiguous() for x in flat[:2]]  # [G, A, H, 1, C, K]
+        v_c, g_c, b_c = [x[rows].transpose(2, 3).contiguous().unflatten(2, (H, HV // H)) for x in flat[2:]]
+        parts = [x.reshape(G, A, HV, *x.shape[4:]) for x in intra_chunk(q_c, k_c, v_c, g_c, b_c)]
         out_GAHCV, state[active_A] = state_pass(parts, state[active_A])
         o_flat[rows] = out_GAHCV.transpose(2, 3)
         first += width

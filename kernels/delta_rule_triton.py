@@ -123,7 +123,7 @@ def recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, cu_ptr, slot_ptr, h0_
                      USE_H0: tl.constexpr, USE_SLOTS: tl.constexpr, STORE_HT: tl.constexpr):
     seq, hv, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(cu_ptr + seq).to(tl.int64), tl.load(cu_ptr + seq + 1).to(tl.int64)
-    slot = seq
+    slot = seq.to(tl.int64)
     if USE_SLOTS:
         slot = tl.load(slot_ptr + seq).to(tl.int64)
     head = hv // (HV // H)
