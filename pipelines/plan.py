@@ -52,12 +52,16 @@ def shard_key(rel: str, start: int) -> str:
     return f"{digest}-{start:010d}"
 
 
-def iter_lines(data: bytes):
-    """(byte offset, line) for each line of `data`, without the newline."""
-    offset = 0
-    for line in io.BytesIO(data):
-        yield offset, line.rstrip(b"\r\n")
-        offset += len(line)
+def stream_lines(f, chunk_bytes: int = 1 << 20):
+    """(byte offset, line without its newline) for each line of a file object, chunk by chunk."""
+    offset, tail = 0, b""
+    while chunk := f.read(chunk_bytes):
+        *lines, tail = (tail + chunk).split(b"\n")
+        for line in lines:
+            yield offset, line.rstrip(b"\r")
+            offset += len(line) + 1
+    if tail:
+        yield offset, tail.rstrip(b"\r")
 
 
 def count_rows(loc: Location, path: str, fmt: str) -> list[tuple[int, int]]:
@@ -68,9 +72,10 @@ def count_rows(loc: Location, path: str, fmt: str) -> list[tuple[int, int]]:
         except Exception:                       # unreadable file: one error row stands for it
             n = 1
         return [(i, 0) for i in range(n)]
-    data = read_bytes(loc.fs, path)
     if fmt in LINE_FORMATS:
-        return [(i, off) for i, (off, line) in enumerate(iter_lines(data)) if line.strip()]
+        with loc.fs.open_input_stream(path) as f:
+            return [(i, off) for i, (off, line) in enumerate(stream_lines(f)) if line.strip()]
+    data = read_bytes(loc.fs, path)
     if fmt == "csv":
         try:
             n = pacsv.read_csv(io.BytesIO(data)).num_rows

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.plan import Shard, iter_lines
+from pipelines.plan import Shard, stream_lines
 from pipelines.storage import Location, read_bytes
 
 
@@ -70,17 +70,17 @@ def parse_json_line(line: bytes) -> dict:
 
 
 def read_lines(loc: Location, shard: Shard):
+    """The shard's rows from its byte offset on; reads only as far as the shard goes."""
+    emitted, row = 0, shard.start
     with loc.fs.open_input_file(shard.files[0]) as f:
         f.seek(shard.offset)
-        data = f.read()
-    emitted, row = 0, shard.start
-    for _, line in iter_lines(data):
-        if emitted == shard.count:
-            return
-        if line.strip():
-            yield _guarded(row, shard.rel[0], parse_json_line, line)
-            emitted += 1
-        row += 1
+        for _, line in stream_lines(f):
+            if emitted == shard.count:
+                return
+            if line.strip():
+                yield _guarded(row, shard.rel[0], parse_json_line, line)
+                emitted += 1
+            row += 1
 
 
 def _guarded(row: int, rel: str, parse, data) -> RawRow:

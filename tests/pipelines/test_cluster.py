@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,14 +39,17 @@ def wait_for(predicate, timeout_s: float, what: str):
 def ray_head(tmp_path_factory):
     """(GCS address, Jobs API URL) of a head on 127.0.0.1; stopped by signalling only its group."""
     gcs, dash = free_port(), free_port()
+    # Its own temp dir keeps `ray start` from repointing other sessions' `ray.init()` (the
+    # /tmp/ray/ray_current_cluster file) at this head; loopback only, so no auth token.
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")      # short: socket paths are limited
     env = {**os.environ, **CREDENTIALS, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-           "RAY_ADDRESS": ""}
+           "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            "--include-dashboard=true", "--num-cpus=2", f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}",
            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--metrics-export-port={free_port()}"]
+           f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}"]
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "wb")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -55,10 +60,13 @@ def ray_head(tmp_path_factory):
         yield f"127.0.0.1:{gcs}", url
     finally:
         os.killpg(head.pid, signal.SIGTERM)
+        time.sleep(5)
         try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            os.killpg(head.pid, signal.SIGKILL)              # whatever of its group is left
+        except ProcessLookupError:
+            pass
+        head.wait(30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def jobs_api_up(url: str) -> bool:
