@@ -2,6 +2,7 @@
 
     deltaray model init --preset {tiny,demo} --out DIR [--seed N] [--dtype D]
     deltaray model inspect DIR|PRESET
+    deltaray model plan --model DIR|PRESET --gpus N --max-model-len L [--gpu-memory 141GB] [--dtype bf16|fp8] [--ep N]
     deltaray demo [--model DIR|preset:NAME]
 
 User errors print one line naming the problem and exit with status 2; never a traceback.
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = model_sub.add_parser("inspect", help="layer pattern, parameter counts, bytes")
     inspect.add_argument("model", help="checkpoint directory or preset name")
     inspect.set_defaults(func=cmd_model_inspect)
+    from model.plan import add_plan_parser
+    add_plan_parser(model_sub)
     demo = sub.add_parser("demo", help="generate a few completions with the demo checkpoint")
     demo.add_argument("--model", default="preset:demo")
     demo.set_defaults(func=cmd_demo)
