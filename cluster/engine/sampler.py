@@ -59,6 +59,13 @@ def filter_top_k_top_p_min_p(logits_V: torch.Tensor, top_k: int, top_p: float,
     return logits_V
 
 
+def needs_processing(seq: Sequence) -> bool:
+    """Whether anything changes the raw logits before the greedy argmax."""
+    p = seq.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+            or seq.num_output_tokens < p.min_tokens)
+
+
 def draw(logits_V: torch.Tensor, generator: torch.Generator) -> int:
     """Inverse-CDF draw with one uniform number (a tensor of exponentials over V is ~20x slower
     on CPU); the first index whose cumulative mass exceeds u never has zero probability."""
@@ -84,11 +91,14 @@ class Sampler:
     def sample(self, logits_NV: torch.Tensor, seqs: list[Sequence]):
         """One (token_id, logprob, top_logprobs or None) per sequence."""
         logprobs_NV = torch.log_softmax(logits_NV.float(), dim=-1)
-        return [self.sample_one(logits_NV[i].float().clone(), logprobs_NV[i], seq)
-                for i, seq in enumerate(seqs)]
+        return [self.sample_one(logits_NV[i], logprobs_NV[i], seq) for i, seq in enumerate(seqs)]
 
     def sample_one(self, logits_V: torch.Tensor, logprobs_V: torch.Tensor, seq: Sequence):
         p = seq.params
+        if p.greedy and not needs_processing(seq):
+            token = int(logits_V.argmax())
+            return token, float(logprobs_V[token]), self.tops(logprobs_V, token, p.logprobs)
+        logits_V = logits_V.float().clone()             # processed in place below
         logits_V = apply_penalties(logits_V, seq)
         logits_V = mask_stops_before_min_tokens(logits_V, seq, self.eos_token_ids)
         if p.greedy:
@@ -96,5 +106,8 @@ class Sampler:
         else:
             logits_V = filter_top_k_top_p_min_p(logits_V / p.temperature, p.top_k, p.top_p, p.min_p)
             token = draw(logits_V, seq.generator)
-        tops = None if p.logprobs is None else top_logprobs(logprobs_V, token, p.logprobs)
-        return token, float(logprobs_V[token]), tops
+        return token, float(logprobs_V[token]), self.tops(logprobs_V, token, p.logprobs)
+
+    @staticmethod
+    def tops(logprobs_V: torch.Tensor, token: int, k: int | None) -> dict[int, float] | None:
+        return None if k is None else top_logprobs(logprobs_V, token, k)

@@ -11,12 +11,12 @@ from tests.cluster.engine.conftest import run_all
 
 def test_thousand_requests_with_random_aborts_free_everything(tiny):
     rng = random.Random(0)
-    engine = tiny.engine(num_blocks=24, block_size=4, max_num_seqs=32, max_num_batched_tokens=256)
+    engine = tiny.engine(num_blocks=12, block_size=4, max_num_seqs=32, max_num_batched_tokens=256)
     finished, aborted = 0, 0
     for i in range(1000):
         prompt = [rng.randrange(1, 240000) for _ in range(rng.randint(1, 12))]
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=rng.randint(1, 3), temperature=0))
-        if i % 16 == 15:
+        if i % 24 == 23:
             finished += sum(out.finished for out in engine.step())
         if rng.random() < 0.3:                      # abort a live request, waiting or running
             aborted += engine.abort(rng.choice(sorted(engine.requests))) is not None

@@ -64,3 +64,21 @@ def test_yarn_model_matches_transformers_past_the_original_window(tmp_path, tiny
     torch.testing.assert_close(got, logprobs_TV[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0],
                                atol=1e-4, rtol=0)
     assert out.outputs[0].token_ids == expect
+
+
+def test_32k_token_prompt_runs_on_tiny(tiny):
+    """Chunked prefill over paged KV: 32K prompt tokens in 8K-token steps, then decoding."""
+    tokens, block = 32768, 16
+    engine = tiny.engine(num_blocks=tokens // block + 2, max_num_seqs=1, max_num_batched_tokens=8192)
+    ids = torch.randint(1000, 240000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.add_request("long", ids, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    steps, most_blocks, final = 0, 0, None
+    while engine.has_unfinished():
+        outs = engine.step()
+        steps += 1
+        most_blocks = max(most_blocks, engine.cache.num_blocks - engine.cache.num_free_blocks)
+        final = outs[0] if outs else final
+    assert steps == tokens // 8192 + 2              # 4 prefill chunks, 2 decodes
+    assert most_blocks == -(-(tokens + 1) // block)
+    assert final.finished and len(final.outputs[0].token_ids) == 3
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
