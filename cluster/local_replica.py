@@ -32,11 +32,13 @@ class ReplicaStats:
 
 
 class LocalReplica:
-    def __init__(self, model: str, settings: EngineSettings):
+    def __init__(self, model: str, settings: EngineSettings, ep_size: int = 1,
+                 gpus_per_rank: float | None = None):
         s = settings
         llm = LLM(model, dtype=s.dtype, device=s.device, seed=s.seed, max_num_seqs=s.max_num_seqs,
                   max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len,
-                  kv_cache_memory=s.kv_cache_memory, block_size=s.block_size)
+                  kv_cache_memory=s.kv_cache_memory, block_size=s.block_size, ep_size=ep_size,
+                  gpus_per_rank=gpus_per_rank)
         self.engine = llm.engine
         self.tokenizer = llm.tokenizer
         self.async_engine = AsyncEngine(llm.engine)

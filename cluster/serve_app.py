@@ -310,7 +310,8 @@ def deployment_class():
     class OpenAIDeployment:
         def __init__(self, config: dict):
             self.config = ServeConfig.model_validate(config)
-            self.replica = LocalReplica(self.config.model, self.config.engine)
+            self.replica = LocalReplica(self.config.model, self.config.engine,
+                                        self.config.ep_size, self.config.num_gpus)
 
         def __serve_build_asgi_app__(self):
             return create_app(self.config, self.replica)

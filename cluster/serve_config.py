@@ -62,7 +62,7 @@ class ServeConfig(Spec):
     route_prefix: str = "/"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    ep_size: int = 1
+    ep_size: int = Field(1, ge=1)           # ranks per replica (cluster/replica.py)
     engine: EngineSettings = EngineSettings()
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
@@ -75,14 +75,7 @@ class ServeConfig(Spec):
     allowed_s3_buckets: list[str] = []
     allowed_image_url_prefixes: list[str] = []
     num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-
-    @field_validator("ep_size")
-    @classmethod
-    def single_rank(cls, value):
-        if value != 1:
-            raise ValueError(f"ep_size={value}: expert parallelism is not available yet; use 1")
-        return value
+    num_gpus: float = Field(0, ge=0)        # per rank: a replica holds ep_size x num_gpus
 
     @field_validator("allowed_image_url_prefixes")
     @classmethod
@@ -121,7 +114,9 @@ class ServeConfig(Spec):
             "max_ongoing_requests": capacity,
             "max_queued_requests": capacity,
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            # with ep_size > 1 the GPUs belong to the rank actors, not this coordinator
+            "ray_actor_options": {"num_cpus": self.num_cpus,
+                                  "num_gpus": self.num_gpus if self.ep_size == 1 else 0},
             "health_check_period_s": 10,
             "health_check_timeout_s": 30,
         }

@@ -48,7 +48,8 @@ class ModelReplica:
         self.llm = LLM(model=self.spec.model, dtype=r.dtype,
                        device="cuda" if r.gpus_per_rank > 0 else "cpu",
                        seed=self.spec.sampling.seed or 0, max_num_seqs=r.max_num_seqs,
-                       max_model_len=r.max_model_len)
+                       max_model_len=r.max_model_len, ep_size=r.ep_size,
+                       gpus_per_rank=r.gpus_per_rank or None)
         self.images = supports_images(self.llm)
 
     # ---- one row -> one engine request -------------------------------------------------

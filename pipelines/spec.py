@@ -83,13 +83,6 @@ class ResourcesSpec(Strict):
     max_num_seqs: int = Field(default=64, ge=1)
     max_model_len: int | None = Field(default=None, ge=2)
 
-    @field_validator("ep_size")
-    @classmethod
-    def no_expert_parallel_yet(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(f"expert parallelism is not built yet; only ep_size 1 runs (got {value})")
-        return value
-
 
 class StorageSpec(Strict):
     endpoint_url: str | None = None

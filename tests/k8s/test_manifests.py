@@ -13,7 +13,6 @@ from tests.k8s.schemas import (K8S, REPO, by_kind, cluster_spec, containers, gpu
                                pinned, validate)
 
 OVERLAYS = ["base", "overlays/cpu-dev", "overlays/h200x8"]
-EP_NOT_BUILT = "expert parallelism is not"     # the batch/serve specs' message until issue 8
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -104,8 +103,6 @@ def test_serve_config_imports_and_its_args_validate(rendered):
         pytest.skip("cluster/serve_app.py is not written yet")
     assert callable(getattr(module, "build_app"))
     args = dict(app["args"])
-    if args.get("ep_size", 1) != 1:
-        pytest.xfail(f"ServeConfig refuses ep_size={args['ep_size']} until expert parallelism lands")
     expected = ServeConfig.model_validate(args).to_serve_config()["applications"][0]
     assert app == expected      # the Serve options (autoscaling included) are the config's own
 
@@ -121,14 +118,7 @@ def test_job_entrypoint_spec_and_lifecycle(rendered):
               if v.get("configMap", {}).get("name") == rendered["ConfigMap"]["metadata"]["name"]]
     assert any(m["name"] in config and m["mountPath"] == "/etc/deltaray"
                for m in head["containers"][0]["volumeMounts"])   # the driver runs on the head
-    raw = job_spec(rendered)
-    try:
-        parse_spec(raw)
-    except ValueError as e:
-        if EP_NOT_BUILT not in str(e):
-            raise
-        pytest.xfail(f"the batch spec refuses ep_size={raw['resources']['ep_size']} until "
-                     "expert parallelism lands")
+    parse_spec(job_spec(rendered))
 
 
 def worker_groups(obj: dict) -> list[dict]:

@@ -37,7 +37,7 @@ def test_defaults_fill_in():
     ("output.format", "csv", "job spec: output.format:"),
     ("task.kind", "translate", "job spec: task.kind:"),
     ("resources.replicas", 0, "job spec: resources.replicas:"),
-    ("resources.ep_size", 2, "job spec: resources.ep_size: expert parallelism is not built yet"),
+    ("resources.ep_size", 0, "job spec: resources.ep_size:"),
     ("task.template", "Hi {text", "job spec: task.template: not a valid template"),
     ("task.template", "{text.__class__}", "job spec: task.template: template fields must be"),
     ("task.image_column", "img", "job spec: task.image_column: images need kind 'chat'"),
@@ -76,7 +76,7 @@ def test_yaml_and_json_files(tmp_path):
 
 def test_cli_prints_one_line(tmp_path, capsys):
     from cluster.cli import main
-    (tmp_path / "j.yaml").write_text(json.dumps(with_("resources.ep_size", 4)))
+    (tmp_path / "j.yaml").write_text(json.dumps(with_("resources.ep_size", 0)))
     assert main(["batch", "run", str(tmp_path / "j.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deltaray: error: job spec: resources.ep_size:") and "\n" not in err

@@ -133,7 +133,9 @@ def test_api_keys(tmp_path, monkeypatch):
 
 def test_serve_config_validation_and_serve_config():
     with pytest.raises(ValueError, match="ep_size"):
-        ServeConfig(ep_size=2)
+        ServeConfig(ep_size=0)
+    assert ServeConfig(ep_size=2, num_gpus=1).deployment_options()["ray_actor_options"][
+        "num_gpus"] == 0                      # the GPUs are the ranks', not the coordinator's
     with pytest.raises(ValueError, match="min_replicas"):
         ServeConfig(autoscaling={"min_replicas": 3, "max_replicas": 2})
     with pytest.raises(ValueError, match="path after the host"):
