@@ -28,10 +28,12 @@ RESIDUAL_OUTPUTS = ("o_proj.weight", "out_proj.weight", "down_proj.weight", "dow
 def randomize_(model: HybridForCausalLM, seed: int) -> None:
     """Fill every parameter in place with the scaled random init described above."""
     gen = torch.Generator().manual_seed(seed)
+    vision_gen = torch.Generator().manual_seed(seed + 1)   # text weights as without a vision tower
     depth_scale = 1.0 / math.sqrt(2 * model.config.num_hidden_layers)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(random_value(name, p, gen, depth_scale))
+            g = vision_gen if name.startswith("model.visual.") else gen
+            p.copy_(random_value(name, p, g, depth_scale))
 
 
 def random_value(name: str, p: torch.Tensor, gen: torch.Generator, depth_scale: float):
