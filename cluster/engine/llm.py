@@ -5,6 +5,7 @@ checkpoint into ~/.cache/deltaray/presets/NAME (or $DELTARAY_CACHE/presets/NAME)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from cluster.engine.engine import Engine, PromptInput
 from cluster.engine.output import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from model.checkpoint import load_model, resolve_dtype
+from model.config import ModelConfig
 from model.processor import Tokenizer
 
 
@@ -26,24 +28,39 @@ def cache_root() -> Path:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A checkpoint directory; `preset:NAME` is written once, atomically, into the cache."""
+    """A checkpoint directory; `preset:NAME` is written into the cache on first use."""
     text = str(model)
-    if not text.startswith("preset:"):
-        path = Path(text)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model {text!r}: no config.json there (or use preset:NAME)")
-        return path
-    name = text.removeprefix("preset:")
+    if text.startswith("preset:"):
+        return preset_dir(text.removeprefix("preset:"))
+    path = Path(text)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model {text!r}: no config.json there (or use preset:NAME)")
+    return path
+
+
+def preset_dir(name: str) -> Path:
+    """The cached preset checkpoint, rebuilt when the preset's config has changed since (a stamp
+    of its config.json content sits beside it). Written to a temporary directory and renamed,
+    so a reader never sees half a checkpoint."""
+    stamp = hashlib.sha256(json.dumps(ModelConfig.preset(name).to_hf_dict(), sort_keys=True,
+                                      default=str).encode()).hexdigest()[:16]
     target = cache_root() / "presets" / name
-    if not (target / "config.json").exists():
-        from model.random_checkpoint import write_random_checkpoint
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        write_random_checkpoint(name, tmp)
-        try:
-            tmp.rename(target)
-        except OSError:                      # another process won the race; theirs is complete
-            shutil.rmtree(tmp, ignore_errors=True)
+    stamp_file = target / ".preset-stamp"
+    if stamp_file.exists() and stamp_file.read_text() == stamp:
+        return target
+    from model.random_checkpoint import write_random_checkpoint
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    write_random_checkpoint(name, tmp)
+    (tmp / ".preset-stamp").write_text(stamp)
+    if target.exists():                        # stale: move it aside, then drop it
+        old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=target.parent))
+        target.rename(old / name)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:                            # another process won the race; theirs is complete
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
