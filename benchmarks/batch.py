@@ -49,7 +49,7 @@ def pipeline(model: str, folder: Path, replicas: int, max_tokens: int, rows: int
                        "output": {"uri": str(folder / f"out-{replicas}"),
                                   "rows_per_shard": max(1, rows // (4 * replicas))},
                        "resources": {"replicas": replicas, "batch_size": max(1, rows // (2 * replicas)),
-                                     "cpus_per_replica": 1}})
+                                     "cpus_per_replica": 1.75 / replicas}})
     t0 = time.perf_counter()
     progress = run_job(spec, quiet=True)
     return time.perf_counter() - t0, progress.completion_tokens

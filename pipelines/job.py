@@ -34,12 +34,25 @@ def read_and_prepare(item: dict, spec_text: str) -> list[dict]:
     return [prepare(shard, raw, spec, root) for raw in read_shard(loc, shard)]
 
 
+READ_CPUS = 0.25             # per read + preprocess task; I/O and templating, mostly waiting
+
+
+def check_cpus(spec: JobSpec, cluster_cpus: float) -> None:
+    """Replicas that take every CPU would starve the read tasks feeding them: refuse up front."""
+    r = spec.resources
+    need = r.replicas * r.cpus_per_replica + READ_CPUS
+    if need > cluster_cpus:
+        raise ValueError(f"resources: {r.replicas} replicas x cpus_per_replica "
+                         f"{r.cpus_per_replica} + {READ_CPUS} for reading needs {need:g} CPUs; "
+                         f"the Ray cluster has {cluster_cpus:g}")
+
+
 def build_dataset(spec: JobSpec, shards: list[Shard]):
     import ray.data
     r, text = spec.resources, spec_json(spec)
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.flat_map(read_and_prepare, fn_kwargs={"spec_text": text}, num_cpus=0.5)
+    ds = ds.flat_map(read_and_prepare, fn_kwargs={"spec_text": text}, num_cpus=READ_CPUS)
     pool = ray.data.ActorPoolStrategy(size=r.replicas)
     return ds.map_batches(ModelReplica, fn_constructor_args=(text,), compute=pool,
                           batch_size=r.batch_size, num_cpus=r.cpus_per_replica,
@@ -96,6 +109,8 @@ def run_job(spec: JobSpec, quiet: bool = False, stop_after_shards: int | None = 
                         skipped_rows=sum(s.count for s in shards if s.key in done))
     if todo:
         ensure_ray()
+        import ray
+        check_cpus(spec, ray.cluster_resources().get("CPU", 0))
         collector = ShardCollector(spec, todo, progress)
         for row in build_dataset(spec, todo).iter_rows():
             collector.add(row)

@@ -43,9 +43,10 @@ def score_fields(out) -> dict:
 class ModelReplica:
     def __init__(self, spec_json: str):
         from cluster.engine import LLM
+        from pipelines.model_fetch import local_model
         self.spec = JobSpec.model_validate_json(spec_json)
         r = self.spec.resources
-        self.llm = LLM(model=self.spec.model, dtype=r.dtype,
+        self.llm = LLM(model=local_model(self.spec.model, self.spec.storage), dtype=r.dtype,
                        device="cuda" if r.gpus_per_rank > 0 else "cpu",
                        seed=self.spec.sampling.seed or 0, max_num_seqs=r.max_num_seqs,
                        max_model_len=r.max_model_len, ep_size=r.ep_size,

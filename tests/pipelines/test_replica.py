@@ -109,3 +109,21 @@ def test_openai_batch_bodies(chat_replica):
     assert (got[1]["kind"], got[1]["text"]) == ("completion", want_comp.outputs[0].text)
     assert got[1]["completion_tokens"] == 2
     assert got[2]["error"] == "OpenAI batch body needs a non-empty 'messages' list"
+
+
+def test_model_from_s3_is_fetched_once(s3, tiny_checkpoint, tmp_path, monkeypatch):
+    from pipelines.model_fetch import local_model
+    from pipelines.spec import StorageSpec
+    from tests.pipelines.conftest import put
+    endpoint, fs = s3
+    for f in tiny_checkpoint.iterdir():
+        put(fs, f"corpus/models/tiny/{f.name}", f.read_bytes())
+    monkeypatch.setenv("DELTARAY_CACHE", str(tmp_path))
+    storage = StorageSpec(endpoint_url=endpoint)
+    path = local_model("s3://corpus/models/tiny/", storage)
+    for f in tiny_checkpoint.iterdir():
+        assert (tmp_path / "models" / path.rsplit("/", 1)[1] / f.name).read_bytes() == f.read_bytes()
+    fs.delete_dir("corpus/models/tiny")                 # a second call reuses the local copy
+    assert local_model("s3://corpus/models/tiny/", storage) == path
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        local_model("s3://corpus/models/nothing/", storage)

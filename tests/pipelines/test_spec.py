@@ -80,3 +80,12 @@ def test_cli_prints_one_line(tmp_path, capsys):
     assert main(["batch", "run", str(tmp_path / "j.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deltaray: error: job spec: resources.ep_size:") and "\n" not in err
+
+
+def test_replicas_must_leave_a_cpu_share_for_reading():
+    from pipelines.job import check_cpus
+    spec = parse_spec(with_("resources", {"replicas": 2, "cpus_per_replica": 1}))
+    check_cpus(spec, 4)
+    with pytest.raises(ValueError, match=r"^resources: 2 replicas x cpus_per_replica 1\.0 \+ 0\.25 "
+                                         r"for reading needs 2\.25 CPUs; the Ray cluster has 2$"):
+        check_cpus(spec, 2)
