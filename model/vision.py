@@ -88,7 +88,8 @@ class VisionAttention(nn.Module):
         outs = []
         for q, k, v in zip(*(t.transpose(0, 1).split(segments, dim=1)
                              for t in (q_NHK, k_NHK, v_NHK))):
-            outs.append(F.scaled_dot_product_attention(q, k, v))    # [NH, n, K] per frame
+            # 4-D inputs: the CPU flash kernel (O(n) memory) instead of the [NH, n, n] math path
+            outs.append(F.scaled_dot_product_attention(q[None], k[None], v[None])[0])
         o_ND = torch.cat(outs, dim=1).transpose(0, 1).reshape(N, -1)
         return self.proj(o_ND)
 
