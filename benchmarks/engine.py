@@ -120,11 +120,9 @@ def prefill_row(model_dir: pathlib.Path, tokens: int, chunk: int) -> dict:
     ids = [random.Random(tokens).randrange(1000, 240000) for _ in range(tokens)]
     seconds, extra = peak_rss_during(
         lambda: llm.generate([ids], SamplingParams(temperature=0, max_tokens=1)))
-    cfg, plan = llm.model.config, llm.engine.plan
+    plan = llm.engine.plan
     kv = -(-tokens // plan.block_size) * plan.bytes_per_block
-    del llm
-    return dict(tokens=tokens, seconds=seconds, peak_extra=extra, gdn=plan.bytes_per_slot, kv=kv,
-                cfg_layers=(cfg.num_linear_attention_layers, cfg.num_full_attention_layers))
+    return dict(tokens=tokens, seconds=seconds, peak_extra=extra, gdn=plan.bytes_per_slot, kv=kv)
 
 
 def kv_bytes_for(model_dir: pathlib.Path, tokens: int, block_size: int = 16) -> int:

@@ -60,7 +60,8 @@ class Engine:
 
     def plan_cache(self, cfg, dtype: torch.dtype, device: torch.device) -> CachePlan:
         c = self.config
-        return plan_capacity(cache_budget(c, device), HybridCache.bytes_per_block(cfg, c.block_size, dtype),
+        per_block = HybridCache.bytes_per_block(cfg, c.block_size, dtype)
+        return plan_capacity(cache_budget(c, device), per_block,
                              HybridCache.bytes_per_slot(cfg, dtype), c.block_size, c.max_num_seqs,
                              c.max_model_len or cfg.max_position_embeddings)
 
@@ -83,7 +84,8 @@ class Engine:
         if request_id in self.requests:
             raise RequestError(f"request_id {request_id!r} is already running")
         if not isinstance(params, SamplingParams):
-            raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+            raise RequestError(f"sampling params must be SamplingParams, "
+                               f"got {type(params).__name__}")
         params.validate()
         text, ids = self.tokenize(prompt)
         self.check_prompt(ids)
@@ -122,7 +124,7 @@ class Engine:
         self.requests[req.request_id] = req
 
     def new_generator(self, seed: int | None, index: int) -> torch.Generator:
-        """Per-sequence randomness: the request's seed (+ choice index), else the engine's stream."""
+        """Per-sequence randomness: the request seed (+ choice index), else the engine stream."""
         value = seed + index if seed is not None else self.rng.getrandbits(63)
         return torch.Generator().manual_seed(value)
 

@@ -26,7 +26,8 @@ class StepLogits:
 def wants_prompt_logprobs(seq: Sequence, start: int) -> bool:
     """Prompt logprobs still missing for targets this chunk can score (choice 0 holds them)."""
     done = seq.prompt_logprobs
-    return done is not None and len(done) < seq.num_prompt_tokens and start < seq.num_prompt_tokens - 1
+    P = seq.num_prompt_tokens
+    return done is not None and len(done) < P and start < P - 1
 
 
 class ModelRunner:

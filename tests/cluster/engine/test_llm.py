@@ -43,3 +43,10 @@ def test_chat_uses_the_template(llm):
                                                  enable_thinking=False)
     assert out.prompt == rendered and out.prompt_token_ids == llm.tokenizer.encode(rendered)
     assert out.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_engine_never_imports_ray():
+    import subprocess
+    import sys
+    code = "import sys, cluster.engine; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
