@@ -168,7 +168,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lines = [SECTION, "", f"`python benchmarks/engine.py {' '.join(sys.argv[1:])}` — demo preset, "
-             f"float32, {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores.", ""]
+             f"float32, {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores, load "
+             f"average {os.getloadavg()[0]:.1f} at the start (other jobs share the CPU; each "
+             "ratio is measured in the same run).", ""]
+    if (args.prompts, args.max_prompt, args.max_new) != (64, 1024, 256):
+        lines += ["The mixed workload is scaled down from the issue's 64 prompts / 1024 / 256 "
+                  "(transformers `generate` at full size takes too long here); both systems run "
+                  "the same scaled workload.", ""]
     llm = LLM("preset:demo", max_num_seqs=64, max_num_batched_tokens=2048,
               kv_cache_memory=1 << 30)
     lines += mixed_section(llm, args)

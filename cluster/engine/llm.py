@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -64,6 +65,17 @@ def preset_dir(name: str) -> Path:
     return target
 
 
+def show_engine_log() -> None:
+    """The cache plan is logged at INFO; give the package logger a handler if nobody has (as
+    vLLM does), so the offline user sees it without configuring logging."""
+    root = logging.getLogger("deltaray")
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 def eos_token_ids(path: str | Path) -> list[int]:
     """EOS ids from generation_config.json (int or list), else config.json."""
     path = Path(path)
@@ -92,6 +104,7 @@ class LLM:
             return attach(self, self.model_dir, ep_size, config, dtype, device, gpus_per_rank)
         self.model = load_model(self.model_dir, dtype=resolve_dtype(dtype), device=device)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        show_engine_log()
         self.engine = Engine(self.model, self.tokenizer, config, eos_token_ids(self.model_dir))
         self.request_counter = 0
 
