@@ -1,6 +1,7 @@
 """`deltaray batch ...`: run a job here, or submit / watch / stop it on a Ray cluster (Jobs API).
 
-    deltaray batch run JOB.yaml                      local Ray (joins RAY_ADDRESS, else starts one)
+    deltaray batch run JOB.yaml [--address HOST:PORT]  joins that Ray cluster (or RAY_ADDRESS),
+                                                       else starts a local one
     deltaray batch submit JOB.yaml --address http://HEAD:8265 [--no-upload] [--wait]
     deltaray batch status|logs|stop SUBMISSION_ID --address http://HEAD:8265
     deltaray batch list --address http://HEAD:8265
@@ -44,6 +45,8 @@ def cmd_run(args) -> None:
         spec = load_spec(args.job)
     else:
         raise ValueError("batch run: give a job spec file")
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
     run_job(spec, quiet=args.quiet)
 
 
@@ -105,6 +108,8 @@ def add_batch_commands(sub) -> None:
     run.add_argument("job", nargs="?", help="job spec, YAML or JSON")
     run.add_argument("--spec-env", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--quiet", action="store_true", help="no periodic progress lines")
+    run.add_argument("--address", help="Ray cluster to join (GCS host:port); default RAY_ADDRESS, "
+                                       "else a new local Ray")
     run.set_defaults(func=cmd_run)
     submit = cmds.add_parser("submit", help="submit a job to a Ray cluster (Jobs API)")
     submit.add_argument("job")

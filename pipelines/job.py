@@ -60,10 +60,15 @@ def build_dataset(spec: JobSpec, shards: list[Shard]):
 
 
 def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (set inside a Ray job), else start a local one."""
+    """Join the cluster named by RAY_ADDRESS (set inside a Ray job), else start a local one.
+
+    Never the "latest cluster" that a bare `ray.init()` would look up in /tmp/ray: that file
+    outlives its cluster, and joining a dead address hangs.
+    """
     import ray
     if not ray.is_initialized():
-        ray.init(log_to_driver=os.environ.get("DELTARAY_RAY_LOGS", "0") == "1")
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
+                 log_to_driver=os.environ.get("DELTARAY_RAY_LOGS", "0") == "1")
 
 
 class ShardCollector:
