@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 clean:
 	rm -rf $(VENV) .pytest_cache
