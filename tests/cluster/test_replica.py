@@ -19,7 +19,7 @@ ENGINE = dict(max_num_seqs=8, kv_cache_memory=1 << 24, max_model_len=64)
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical: two 2-rank replicas
     yield
     ray.shutdown()
 
@@ -98,3 +98,28 @@ def test_killed_rank_fails_requests_retryably_then_the_replica_is_rebuilt(pair):
     assert ep.generate([PROMPTS[0]], one)[0].outputs[0].token_ids == \
         single.generate([PROMPTS[0]], one)[0].outputs[0].token_ids
     assert engine.healthy and engine.restarts == 1
+
+
+def test_serve_replica_with_ep_size_2_streams_the_same_tokens(pair, tiny_checkpoint):
+    import asyncio
+
+    from cluster.local_replica import LocalReplica
+    from cluster.serve_config import EngineSettings
+    single, _ = pair
+    replica = LocalReplica(str(tiny_checkpoint), EngineSettings(max_num_seqs=8, max_model_len=64,
+                                                                kv_cache_memory=1 << 24), ep_size=2)
+    one = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def run(i: int):
+        outs = [o async for o in replica.generate({"prompt_token_ids": PROMPTS[i]}, one, f"s{i}")]
+        return outs[-1].outputs[0].token_ids
+
+    async def both():
+        return await asyncio.gather(run(0), run(1))
+    try:
+        got = asyncio.run(both())
+        assert got == [single.generate([PROMPTS[i]], one)[0].outputs[0].token_ids for i in (0, 1)]
+        assert replica.stats().num_slots > 0
+        replica.check_health()
+    finally:
+        replica.engine.shutdown()
