@@ -139,10 +139,8 @@ class ModelReplica:
     def run(self, records: list[dict], pending: dict, results: list) -> None:
         try:
             outs = self.drive([req for _, req in pending.values()])
-        except Exception:
-            if len(pending) == 1:
-                raise
-            for i, item in pending.items():          # isolate the row that breaks the engine
+        except Exception:                            # isolate the row that breaks the engine
+            for i, item in pending.items():
                 self.run_alone(records[i], item[0], results, i)
             return
         for (i, (kind, _)), out in zip(pending.items(), outs):

@@ -111,19 +111,39 @@ def test_openai_batch_bodies(chat_replica):
     assert got[2]["error"] == "OpenAI batch body needs a non-empty 'messages' list"
 
 
-def test_model_from_s3_is_fetched_once(s3, tiny_checkpoint, tmp_path, monkeypatch):
+def test_model_from_s3_is_fetched_once(s3, tmp_path, monkeypatch):
     from pipelines.model_fetch import local_model
     from pipelines.spec import StorageSpec
     from tests.pipelines.conftest import put
     endpoint, fs = s3
-    for f in tiny_checkpoint.iterdir():
-        put(fs, f"corpus/models/tiny/{f.name}", f.read_bytes())
+    files = {"config.json": b'{"model_type": "qwen3_5_moe"}', "model.safetensors": bytes(range(256)),
+             "sub/extra.txt": b"x"}                  # the copy, not loading, is under test here
+    for name, data in files.items():
+        put(fs, f"corpus/models/m/{name}", data)
     monkeypatch.setenv("DELTARAY_CACHE", str(tmp_path))
     storage = StorageSpec(endpoint_url=endpoint)
-    path = local_model("s3://corpus/models/tiny/", storage)
-    for f in tiny_checkpoint.iterdir():
-        assert (tmp_path / "models" / path.rsplit("/", 1)[1] / f.name).read_bytes() == f.read_bytes()
-    fs.delete_dir("corpus/models/tiny")                 # a second call reuses the local copy
-    assert local_model("s3://corpus/models/tiny/", storage) == path
+    path = local_model("s3://corpus/models/m/", storage)
+    assert path.startswith(str(tmp_path / "models"))
+    assert {n: (tmp_path / path / n).read_bytes() for n in files} == files
+    fs.delete_dir("corpus/models/m")                     # a second call reuses the local copy
+    assert local_model("s3://corpus/models/m/", storage) == path
     with pytest.raises(FileNotFoundError, match="no config.json"):
         local_model("s3://corpus/models/nothing/", storage)
+
+
+def test_a_row_that_crashes_the_engine_becomes_an_error_row(chat_replica, monkeypatch):
+    from cluster.engine import SamplingParams
+    rep = with_task(chat_replica, kind="completion")
+    engine, real_step = rep.llm.engine, rep.llm.engine.step
+
+    def step():
+        if any("POISON" in (r.prompt or "") for r in engine.requests.values()):
+            raise RuntimeError("boom")
+        return real_step()
+    monkeypatch.setattr(engine, "step", step)
+    got = rows(rep(batch([record(0, "Good one"), record(1, "POISON row"), record(2, "Fine")])))
+    monkeypatch.undo()
+    assert got[1]["error"] == "engine failed on this row: RuntimeError: boom"
+    want = rep.llm.generate(["Good one", "Fine"], SamplingParams(max_tokens=5, temperature=0.0))
+    assert [got[0]["text"], got[2]["text"]] == [o.outputs[0].text for o in want]
+    assert not engine.has_unfinished() and not engine.requests
