@@ -13,7 +13,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float | None
+    cumulative_logprob: float | None          # only when logprobs were requested (as vLLM V1)
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None = None          # "stop" | "length" | "abort" | None (running)
     stop_reason: int | str | None = None      # the stop string or stop token id that ended it

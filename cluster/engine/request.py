@@ -34,7 +34,8 @@ class Request:
         want_logprobs = seq.params.logprobs is not None
         return CompletionOutput(
             index=seq.index, text=seq.detokenizer.text[:seq.detokenizer.emitted],
-            token_ids=list(ids), cumulative_logprob=seq.cumulative_logprob,
+            token_ids=list(ids),
+            cumulative_logprob=seq.cumulative_logprob if want_logprobs else None,
             logprobs=list(seq.logprobs) if want_logprobs else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             delta_text=delta, delta_token_ids=ids[sent:])

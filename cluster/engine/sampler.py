@@ -89,25 +89,31 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
 
     def sample(self, logits_NV: torch.Tensor, seqs: list[Sequence]):
-        """One (token_id, logprob, top_logprobs or None) per sequence."""
-        logprobs_NV = torch.log_softmax(logits_NV.float(), dim=-1)
-        return [self.sample_one(logits_NV[i], logprobs_NV[i], seq) for i, seq in enumerate(seqs)]
+        """One (token_id, logprob or None, top_logprobs or None) per sequence.
 
-    def sample_one(self, logits_V: torch.Tensor, logprobs_V: torch.Tensor, seq: Sequence):
+        Plain greedy rows take one batched argmax; logprobs are computed only for the rows whose
+        request asked for them (a log-softmax over the vocabulary per row is not free)."""
+        plain = [s.params.greedy and not needs_processing(s) for s in seqs]
+        argmax_N = logits_NV.argmax(-1).tolist() if any(plain) else []
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        logprobs = dict(zip(wanted, torch.log_softmax(logits_NV[wanted].float(), -1)))
+        out = []
+        for i, seq in enumerate(seqs):
+            token = argmax_N[i] if plain[i] else self.sample_one(logits_NV[i], seq)
+            lp_V = logprobs.get(i)
+            if lp_V is None:
+                out.append((token, None, None))
+            else:
+                tops = top_logprobs(lp_V, token, seq.params.logprobs)
+                out.append((token, float(lp_V[token]), tops))
+        return out
+
+    def sample_one(self, logits_V: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
-        if p.greedy and not needs_processing(seq):
-            token = int(logits_V.argmax())
-            return token, float(logprobs_V[token]), self.tops(logprobs_V, token, p.logprobs)
         logits_V = logits_V.float().clone()             # processed in place below
         logits_V = apply_penalties(logits_V, seq)
         logits_V = mask_stops_before_min_tokens(logits_V, seq, self.eos_token_ids)
         if p.greedy:
-            token = int(logits_V.argmax())
-        else:
-            logits_V = filter_top_k_top_p_min_p(logits_V / p.temperature, p.top_k, p.top_p, p.min_p)
-            token = draw(logits_V, seq.generator)
-        return token, float(logprobs_V[token]), self.tops(logprobs_V, token, p.logprobs)
-
-    @staticmethod
-    def tops(logprobs_V: torch.Tensor, token: int, k: int | None) -> dict[int, float] | None:
-        return None if k is None else top_logprobs(logprobs_V, token, k)
+            return int(logits_V.argmax())
+        logits_V = filter_top_k_top_p_min_p(logits_V / p.temperature, p.top_k, p.top_p, p.min_p)
+        return draw(logits_V, seq.generator)

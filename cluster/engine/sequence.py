@@ -68,11 +68,11 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int, logprob: float,
+    def append_token(self, token_id: int, logprob: float | None,
                      top_logprobs: dict[int, float] | None) -> None:
         self.token_ids.append(token_id)
-        self.cumulative_logprob += logprob
-        if top_logprobs is not None:
+        if logprob is not None:
+            self.cumulative_logprob += logprob
             self.logprobs.append(top_logprobs)
 
     def reset_for_recompute(self) -> None:
