@@ -24,6 +24,31 @@ def supports_images(llm) -> bool:
             and any(name.endswith("visual") for name, _ in llm.model.named_modules()))
 
 
+def engine_expands_images(llm) -> bool:
+    """Probe (nothing is queued): does the engine turn one image placeholder into the image's
+    tokens? An engine that ignores `images` would otherwise run image rows as text, silently."""
+    import io
+    from PIL import Image
+    from cluster.engine import SamplingParams
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 64, 32)).save(buf, format="PNG")
+    prompt = {"prompt": "<|vision_start|><|image_pad|><|vision_end|>", "images": [buf.getvalue()]}
+    try:
+        req = llm.engine.new_request("image-probe", prompt, SamplingParams(max_tokens=1))
+    except Exception:
+        return False
+    return req.prompt_token_ids.count(llm.model.config.image_token_id) > 1
+
+
+def image_support(llm) -> str:
+    """"" when image rows can run, else the reason they cannot (the error row's message)."""
+    if not supports_images(llm):
+        return "has no vision tower; image rows need a vision-language checkpoint"
+    if not engine_expands_images(llm):
+        return "has a vision tower, but this engine does not run images yet"
+    return ""
+
+
 def result(record: dict, kind: str, error: str = "") -> dict:
     return {"id": record["id"], "_shard": record["_shard"], "_rel": record["_rel"],
             "_row": int(record["_row"]),
@@ -51,7 +76,7 @@ class ModelReplica:
                        seed=self.spec.sampling.seed or 0, max_num_seqs=r.max_num_seqs,
                        max_model_len=r.max_model_len, ep_size=r.ep_size,
                        gpus_per_rank=r.gpus_per_rank or None)
-        self.images = supports_images(self.llm)
+        self.no_images = image_support(self.llm)
 
     # ---- one row -> one engine request -------------------------------------------------
     def sampling(self, body: dict | None = None, score: bool = False):
@@ -74,9 +99,8 @@ class ModelReplica:
         messages = [{"role": "system", "content": record["system"]}] if record["system"] else []
         if not record["image"]:
             return messages + [{"role": "user", "content": text}]
-        if not self.images:
-            raise ValueError(f"model {self.spec.model!r} has no vision tower; image rows "
-                             f"need a vision-language checkpoint")
+        if self.no_images:
+            raise ValueError(f"model {self.spec.model!r} {self.no_images}")
         content = [{"type": "image", "image": bytes(record["image"])},
                    {"type": "text", "text": text}]
         return messages + [{"role": "user", "content": content}]
