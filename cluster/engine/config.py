@@ -9,7 +9,7 @@ CPU_DEFAULT_KV_MEMORY = 1 << 30      # bytes of hybrid cache on CPU unless told 
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64                  # running sequences (= GDN state slots)
-    max_num_batched_tokens: int = 2048      # new tokens per step, prefill chunks and decodes
+    max_num_batched_tokens: int = 8192      # new tokens per step, prefill chunks and decodes
     block_size: int = 16                    # tokens per KV block
     kv_cache_memory: int | None = None      # bytes; None = 1 GiB on CPU, see gpu_memory_utilization
     gpu_memory_utilization: float = 0.9     # on GPU: this fraction of free memory after loading

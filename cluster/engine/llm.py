@@ -90,7 +90,7 @@ def eos_token_ids(path: str | Path) -> list[int]:
 
 class LLM:
     def __init__(self, model: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                 seed: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 seed: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9, ep_size: int = 1,
                  gpus_per_rank: float | None = None):
