@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The main job: a Ray Data batch run over the sample corpus in examples/ on the demo preset.
 demo: $(STAMP)
-	$(VENV)/bin/deltaray demo
+	rm -rf out/demo
+	$(VENV)/bin/deltaray batch run examples/jobs/demo.yaml
+	$(PY) -m cluster.demo out/demo
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(STAMP)

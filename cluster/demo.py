@@ -37,3 +37,23 @@ def run_demo(model: str = "preset:demo", max_tokens: int = 24) -> None:
     print(f"\nmodel {model}: loaded in {t_load:.1f}s; {len(outputs)} requests, {prompt_tokens} prompt "
           f"+ {generated} generated tokens in {elapsed:.2f}s "
           f"({generated / elapsed:.1f} generated tokens/s, batched)")
+
+
+def show_output(directory: str, rows: int = 6) -> None:
+    """Print the first rows a batch job wrote (Parquet parts), one line each."""
+    import glob
+
+    import pyarrow.parquet as pq
+    parts = sorted(glob.glob(f"{directory}/part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no part-*.parquet files in {directory}")
+    table = pq.read_table(parts).slice(0, rows)
+    print(f"\nfirst {table.num_rows} rows of {directory} (random weights, so the text is noise):")
+    for row in table.to_pylist():
+        shown = row["error"] or repr(row["text"])
+        print(f"  {row['id']:<28} {row.get('lang') or '':<4} {shown[:90]}")
+
+
+if __name__ == "__main__":
+    import sys
+    show_output(sys.argv[1])
