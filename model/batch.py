@@ -11,6 +11,7 @@ K key head dim, V value head dim.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +36,40 @@ class ForwardBatch:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
+    @functools.cached_property
+    def decoding(self) -> list[bool]:
+        """Per sequence: adds exactly one token to an existing state (the recurrent fast path)."""
+        started = self.has_initial_state.tolist()
+        return [q == 1 and s for q, s in zip(self.query_lens, started)]
+
     @property
     def is_decode(self) -> bool:
-        """Every sequence adds exactly one token to an existing state (the recurrent fast path)."""
-        return all(q == 1 for q in self.query_lens) and bool(self.has_initial_state.all())
+        return all(self.decoding)
+
+    @functools.cached_property
+    def decode_split(self) -> list[tuple["ForwardBatch", torch.Tensor | slice]]:
+        """(sub-batch, its packed rows) for the decoding and the other sequences of a mixed step,
+        so recurrent layers run decodes token by token and only prefills in chunks; a step of one
+        kind is returned whole."""
+        decode = [i for i, d in enumerate(self.decoding) if d]
+        if not decode or len(decode) == self.num_seqs:
+            return [(self, slice(None))]
+        other = [i for i, d in enumerate(self.decoding) if not d]
+        return [self.subset(decode), self.subset(other)]
+
+    def subset(self, seqs: list[int]) -> tuple["ForwardBatch", torch.Tensor]:
+        """The step restricted to sequences `seqs` (no logits), and the packed rows they own."""
+        cu = self.cu_seqlens.tolist()
+        rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in seqs]).to(self.slot_mapping.device)
+        pick = torch.tensor(seqs, device=self.slot_mapping.device)
+        query_lens = [self.query_lens[i] for i in seqs]
+        sub_cu = torch.tensor([0] + query_lens, device=self.cu_seqlens.device).cumsum(0)
+        return ForwardBatch(
+            positions=self.positions[:, rows], cu_seqlens=sub_cu.to(torch.int32),
+            context_lens=self.context_lens[pick], block_tables=self.block_tables[pick],
+            slot_mapping=self.slot_mapping[rows], state_slots=self.state_slots[pick],
+            has_initial_state=self.has_initial_state[pick], logits_indices=None,
+            query_lens=query_lens, context_lens_host=[self.context_lens_host[i] for i in seqs]), rows
 
     @staticmethod
     def build(query_lens: list[int], cached_lens: list[int], block_tables: list[list[int]],

@@ -38,16 +38,24 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, conv_pool: torch.Tensor,
                 ssm_pool: torch.Tensor) -> torch.Tensor:
-        T, HK, HV, K, V = x_TH.shape[0], self.HK, self.HV, self.K, self.V
-        qkv_TC = self.conv(self.in_proj_qkv(x_TH), batch, conv_pool)
-        q_TX, k_TX, v_TX = qkv_TC.split([HK * K, HK * K, HV * V], dim=-1)
+        T, HV, V = x_TH.shape[0], self.HV, self.V
+        qkv_TC = self.in_proj_qkv(x_TH)
         z_TVd = self.in_proj_z(x_TH).view(T, HV, V)
         beta_TV = torch.sigmoid(self.in_proj_b(x_TH))
         g_TV = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_TH).float() + self.dt_bias)
-        o_THVV = self.delta_rule(q_TX.reshape(T, HK, K), k_TX.reshape(T, HK, K),
-                                 v_TX.reshape(T, HV, V), g_TV, beta_TV, batch, ssm_pool)
+        o_THVV = qkv_TC.new_empty(T, HV, V)
+        for part, rows in batch.decode_split:     # a mixed step: decodes and prefills apart
+            o_THVV[rows] = self.mix(qkv_TC[rows], g_TV[rows], beta_TV[rows], part, conv_pool,
+                                    ssm_pool)
         o_THVV = self.norm(o_THVV, z_TVd)
         return self.out_proj(o_THVV.reshape(T, HV * V))
+
+    def mix(self, qkv_TC, g_TV, beta_TV, batch: ForwardBatch, conv_pool, ssm_pool):
+        """Conv + gated delta rule for the sequences of `batch` (all decoding, or none)."""
+        T, HK, HV, K, V = qkv_TC.shape[0], self.HK, self.HV, self.K, self.V
+        q_TX, k_TX, v_TX = self.conv(qkv_TC, batch, conv_pool).split([HK * K, HK * K, HV * V], -1)
+        return self.delta_rule(q_TX.reshape(T, HK, K), k_TX.reshape(T, HK, K),
+                               v_TX.reshape(T, HV, V), g_TV, beta_TV, batch, ssm_pool)
 
     def conv(self, qkv_TC, batch: ForwardBatch, conv_pool):
         weight_CW = self.conv1d.weight.squeeze(1)

@@ -140,3 +140,26 @@ def test_tied_embeddings_match_transformers(tmp_path):
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     ids = prompt(65, seed=5)
     assert rel_err(full_forward(ours, ids), hf_logits(ref, ids)) < TOL
+
+
+def test_mixed_step_of_decodes_and_prefills_matches_transformers(pair):
+    """One step where two sequences decode a token, one continues its prefill and one starts:
+    the recurrent layers split it into a token-by-token part and a chunked part."""
+    ref, ours, _ = pair
+    seqs = [prompt(n, seed=300 + n) for n in (12, 40, 30, 21)]
+    cache = ours.new_cache(num_blocks=24, block_size=8, num_slots=4)
+    tables = [[0, 1], [2, 3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13]]
+    done = [11, 39, 25, 0]                     # cached before the mixed step
+    for i in range(3):
+        step(ours, seqs[i][:done[i]], 0, tables[i], i, 8, cache)
+    news = [s[c:] for s, c in zip(seqs, done)]
+    order = [1, 2, 0, 3]                       # decodes not first: rows interleave
+    batch = ForwardBatch.build([len(news[i]) for i in order], [done[i] for i in order],
+                               [tables[i] for i in order], order, 8, logits="all")
+    assert [len(p[0].query_lens) for p in batch.decode_split] == [2, 2]
+    with torch.no_grad():
+        logits = ours(torch.tensor(sum((news[i] for i in order), [])), batch, cache)
+    rows = batch.cu_seqlens.tolist()
+    for j, i in enumerate(order):
+        expected = hf_logits(ref, seqs[i])[-len(news[i]):]
+        assert rel_err(logits[rows[j]:rows[j + 1]], expected) < TOL, f"sequence {i}"
