@@ -21,6 +21,8 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
 from model.batch import HybridCache
+from model.image import ImageError
+from model.mrope import MultimodalPrompt, prepare_multimodal
 
 log = logging.getLogger("deltaray.engine")
 
@@ -28,7 +30,8 @@ PromptInput = str | list[int] | dict
 
 
 class RequestError(ValueError):
-    """A request the engine cannot run (too long, bad token ids, duplicate id); nothing was done."""
+    """A request the engine cannot run (too long, bad token ids, bad image, duplicate id);
+    nothing was done."""
 
 
 def cache_budget(config: EngineConfig, device: torch.device) -> int:
@@ -41,8 +44,13 @@ def cache_budget(config: EngineConfig, device: torch.device) -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig, eos_token_ids: list[int]):
+    """processor: the checkpoint's ImageProcessor (None: image requests are refused);
+    image_filesystem: what reads `s3://` (or other scheme) image URIs, e.g. s3fs."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig, eos_token_ids: list[int],
+                 processor=None, image_filesystem=None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.processor, self.image_filesystem = processor, image_filesystem
         cfg, weight = model.config, model.lm_head.weight
         self.vocab_size = cfg.vocab_size
         self.plan = self.plan_cache(cfg, weight.dtype, weight.device)
@@ -88,8 +96,10 @@ class Engine:
                                f"got {type(params).__name__}")
         params.validate()
         text, ids = self.tokenize(prompt)
+        mm = self.prepare_images(ids, prompt.get("images") if isinstance(prompt, dict) else None)
+        ids = mm.token_ids if mm is not None else ids
         self.check_prompt(ids)
-        return Request(request_id, text, ids, params, priority)
+        return Request(request_id, text, ids, params, priority, mm)
 
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -104,6 +114,22 @@ class Engine:
             return None, list(prompt)
         raise RequestError(f"prompt must be str, list[int] or dict, got {type(prompt).__name__}")
 
+    def prepare_images(self, ids: list[int], images) -> MultimodalPrompt | None:
+        """Decode and preprocess a prompt's images, expand its placeholders (None: no images).
+        Any bad image (or placeholder count) rejects the request, naming the input."""
+        if not images:
+            return None
+        if self.processor is None:
+            raise RequestError("this model does not accept images (no vision tower or "
+                               "preprocessor_config.json)")
+        if not isinstance(images, (list, tuple)):
+            raise RequestError(f"'images' must be a list, got {type(images).__name__}")
+        try:
+            return prepare_multimodal(ids, list(images), self.processor, self.model.config,
+                                      filesystem=self.image_filesystem)
+        except ImageError as e:
+            raise RequestError(str(e)) from None
+
     def check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise RequestError("prompt is empty")
@@ -117,7 +143,7 @@ class Engine:
         for i in range(req.params.n):
             seq = Sequence(self.next_seq_id, req.request_id, i, req.prompt_token_ids, req.params,
                            self.new_generator(req.params.seed, i), self.new_detokenizer(req),
-                           req.priority, arrival=self.next_seq_id)
+                           req.priority, arrival=self.next_seq_id, mm=req.mm)
             self.next_seq_id += 1
             req.seqs.append(seq)
             self.scheduler.add(seq)

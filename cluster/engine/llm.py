@@ -21,6 +21,7 @@ from cluster.engine.output import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from model.checkpoint import load_model, resolve_dtype
 from model.config import ModelConfig
+from model.image_processor import ImageProcessor
 from model.processor import Tokenizer
 
 
@@ -88,12 +89,37 @@ def eos_token_ids(path: str | Path) -> list[int]:
     return []
 
 
+def chat_images(conversation: list[dict]) -> list:
+    """The images of a conversation's content parts, in order: OpenAI `{"type": "image_url",
+    "image_url": {"url": ...}}` (a data: URL, path or s3:// URI) and `{"type": "image",
+    "image": ...}` (anything model.image.load_image takes)."""
+    images = []
+    for message in conversation:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            if not isinstance(part, dict):
+                continue
+            if "image_url" in part:               # the same tests as the chat template's
+                url = part["image_url"]
+                images.append(url.get("url") if isinstance(url, dict) else url)
+            elif "image" in part or part.get("type") == "image":
+                images.append(part.get("image"))
+    return images
+
+
+def chat_prompt(templated: str | list[int], images: list) -> dict:
+    prompt = {"prompt": templated} if isinstance(templated, str) else {"prompt_token_ids": templated}
+    return {**prompt, "images": images} if images else prompt
+
+
 class LLM:
     def __init__(self, model: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
                  seed: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9, ep_size: int = 1,
-                 gpus_per_rank: float | None = None):
+                 gpus_per_rank: float | None = None, image_filesystem=None):
+        """image_filesystem: reads `s3://` image URIs (e.g. s3fs.S3FileSystem); images given as
+        PIL images, bytes, paths or data: URLs need none."""
         config = EngineConfig(max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                               kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
@@ -105,7 +131,10 @@ class LLM:
         self.model = load_model(self.model_dir, dtype=resolve_dtype(dtype), device=device)
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         show_engine_log()
-        self.engine = Engine(self.model, self.tokenizer, config, eos_token_ids(self.model_dir))
+        processor = (ImageProcessor.from_pretrained(self.model_dir)
+                     if self.model.config.vision is not None else None)
+        self.engine = Engine(self.model, self.tokenizer, config, eos_token_ids(self.model_dir),
+                             processor, image_filesystem)
         self.request_counter = 0
 
     def generate(self, prompts: PromptInput | list[PromptInput],
@@ -134,7 +163,7 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True,
                                                       enable_thinking=enable_thinking)
                    for c in conversations]
-        return self.generate([{"prompt": p} if isinstance(p, str) else p for p in prompts],
+        return self.generate([chat_prompt(p, chat_images(c)) for p, c in zip(prompts, conversations)],
                              sampling_params)
 
     def next_id(self) -> str:

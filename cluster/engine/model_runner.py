@@ -4,7 +4,11 @@ Rows that need logits: the last new token of every sequence whose whole token li
 the cache (it samples next), and, for a request that asked for prompt logprobs and has not got
 them all yet, every prompt row of its chunk.
 
-Legend: T packed new tokens, L rows with logits, V vocabulary.
+A step that holds a sequence with images (`seq.mm`) also gets M-RoPE positions for every row
+and, when a prompt chunk holds image rows, input embeddings with the vision tokens written in
+(`multimodal_inputs`); text-only steps take the plain path.
+
+Legend: T packed new tokens, L rows with logits, V vocabulary, H hidden, M vision tokens.
 """
 from __future__ import annotations
 
@@ -30,6 +34,11 @@ def wants_prompt_logprobs(seq: Sequence, start: int) -> bool:
     return done is not None and len(done) < P and start < P - 1
 
 
+def text_positions(start: int, n: int) -> torch.Tensor:
+    """[3, n]: a text run's M-RoPE positions, equal on all three streams."""
+    return torch.arange(start, start + n).expand(3, -1)
+
+
 class ModelRunner:
     def __init__(self, model, cache: HybridCache, block_size: int, device: torch.device | str):
         self.model, self.cache = model, cache
@@ -48,10 +57,43 @@ class ModelRunner:
                 sample_rows[seq.seq_id] = len(rows)
                 rows.append(offset + n - 1)
             offset += n
-        batch = self.describe(scheduled, rows)
         input_ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
-        logits_LV = self.model(input_ids_T, batch, self.cache)
+        positions_3T, embeds_TH = self.multimodal_inputs(scheduled, input_ids_T)
+        batch = self.describe(scheduled, rows, positions_3T)
+        logits_LV = self.model(input_ids_T, batch, self.cache, inputs_embeds_TH=embeds_TH)
         return StepLogits(logits_LV, sample_rows, prompt_rows)
+
+    def multimodal_inputs(self, scheduled: list[tuple[Sequence, int]], input_ids_T: torch.Tensor
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(positions [3, T], embeddings [T, H] or None) when a sequence of the step has images;
+        (None, None) otherwise. Encodes a sequence's images at its first chunk with image rows,
+        keeps them until its prompt is in the cache (chunks may split an image span)."""
+        if all(seq.mm is None for seq, _ in scheduled):
+            return None, None
+        positions, masks, rows = [], [], []
+        for seq, n in scheduled:
+            start = seq.num_cached_tokens
+            positions.append(text_positions(start, n) if seq.mm is None
+                             else seq.mm.positions(start, start + n))
+            masks.append(torch.zeros(n, dtype=torch.bool) if seq.mm is None
+                         else seq.mm.image_mask(start, start + n))
+            if seq.mm is not None:
+                rows.extend(self.vision_rows(seq, start, start + n))
+        if not rows:                                # decodes / text chunks only
+            return torch.cat(positions, dim=1), None
+        embeds_TH = self.model.embed(input_ids_T, image_embeds_MH=torch.cat(rows),
+                                     image_mask_T=torch.cat(masks))
+        return torch.cat(positions, dim=1), embeds_TH
+
+    def vision_rows(self, seq: Sequence, start: int, end: int) -> list[torch.Tensor]:
+        """This chunk's rows of the sequence's vision tokens ([] when it has none)."""
+        a, b = seq.mm.image_rows(start, end)
+        if a < b and seq.vision is None:
+            seq.vision = self.model.encode_images(seq.mm.pixel_values, seq.mm.grid_thw)
+        chunk = [seq.vision[a:b]] if a < b else []
+        if end >= seq.num_prompt_tokens:            # prompt done: the encoder output is spent
+            seq.vision = None
+        return chunk
 
     @torch.inference_mode()
     def run_empty(self) -> None:
@@ -61,12 +103,14 @@ class ModelRunner:
                                    device=self.device)
         self.model(torch.zeros(0, dtype=torch.long, device=self.device), batch, self.cache)
 
-    def describe(self, scheduled: list[tuple[Sequence, int]], rows: list[int]) -> ForwardBatch:
+    def describe(self, scheduled: list[tuple[Sequence, int]], rows: list[int],
+                 positions_3T: torch.Tensor | None = None) -> ForwardBatch:
         batch = ForwardBatch.build(
             query_lens=[n for _, n in scheduled],
             cached_lens=[s.num_cached_tokens for s, _ in scheduled],
             block_tables=[s.block_table for s, _ in scheduled],
             state_slots=[s.state_slot for s, _ in scheduled],
-            block_size=self.block_size, logits="none", device=self.device)
+            block_size=self.block_size, positions=positions_3T, logits="none",
+            device=self.device)
         batch.logits_indices = torch.tensor(rows, dtype=torch.long, device=self.device)
         return batch

@@ -4,12 +4,14 @@ from __future__ import annotations
 from cluster.engine.output import CompletionOutput, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import Sequence
+from model.mrope import MultimodalPrompt
 
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, priority: int = 0):
-        self.request_id, self.prompt = request_id, prompt
+                 params: SamplingParams, priority: int = 0, mm: MultimodalPrompt | None = None):
+        """prompt_token_ids: what runs (image placeholders expanded); mm: set when it has images."""
+        self.request_id, self.prompt, self.mm = request_id, prompt, mm
         self.prompt_token_ids, self.params, self.priority = prompt_token_ids, params, priority
         self.seqs: list[Sequence] = []
         self.sent_tokens: dict[int, int] = {}      # choice index -> token ids already reported

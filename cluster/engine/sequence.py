@@ -4,6 +4,11 @@ A sequence owns a list of KV block ids (full-attention layers) and one GDN state
 runs. `num_cached_tokens` counts the tokens whose K/V and recurrent state are already written;
 the next step must feed `token_ids[num_cached_tokens:]` (a prompt chunk, or the one token
 sampled last step). Preemption by recompute just sets it back to zero.
+
+A sequence whose prompt has images carries its `MultimodalPrompt` (`mm`: M-RoPE positions, which
+rows are image rows) and, while its prompt is being prefilled, the vision encoder's output for
+it (`vision`, [M, H]); the runner fills `vision` at the first chunk that holds image rows and
+drops it once the prompt is in the cache. Recompute after preemption encodes the images again.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 
 from cluster.engine.detokenizer import Detokenizer
 from cluster.engine.sampling_params import SamplingParams
+from model.mrope import MultimodalPrompt
 
 
 class SequenceStatus(Enum):
@@ -24,7 +30,7 @@ class SequenceStatus(Enum):
 class Sequence:
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, generator: torch.Generator, detokenizer: Detokenizer,
-                 priority: int = 0, arrival: int = 0):
+                 priority: int = 0, arrival: int = 0, mm: MultimodalPrompt | None = None):
         self.seq_id, self.request_id, self.index = seq_id, request_id, index
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -42,6 +48,8 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, float] | None] | None = [None] if wants else None
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
+        self.mm = mm
+        self.vision: torch.Tensor | None = None
 
     @property
     def sort_key(self) -> tuple[int, int, int]:
@@ -78,9 +86,11 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Forget the cache contents; the whole token list (prompt + outputs) is fed again."""
         self.num_cached_tokens = 0
+        self.vision = None
         self.num_preemptions += 1
         self.status = SequenceStatus.WAITING
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.vision = None
         self.status = SequenceStatus.FINISHED
         self.finish_reason, self.stop_reason = reason, stop_reason
