@@ -17,35 +17,11 @@ RESULT_COLUMNS = ("id", "_shard", "_rel", "_row", "keep", "kind", "text", "finis
                   "prompt_tokens", "completion_tokens", "logprob_sum", "perplexity", "error")
 
 
-def supports_images(llm) -> bool:
-    """True once the checkpoint has a vision tower and the model built it (the vision issue)."""
-    config = getattr(llm.model, "config", None)
-    return (getattr(config, "vision", None) is not None
-            and any(name.endswith("visual") for name, _ in llm.model.named_modules()))
-
-
-def engine_expands_images(llm) -> bool:
-    """Probe (nothing is queued): does the engine turn one image placeholder into the image's
-    tokens? An engine that ignores `images` would otherwise run image rows as text, silently."""
-    import io
-    from PIL import Image
-    from cluster.engine import SamplingParams
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (128, 64, 32)).save(buf, format="PNG")
-    prompt = {"prompt": "<|vision_start|><|image_pad|><|vision_end|>", "images": [buf.getvalue()]}
-    try:
-        req = llm.engine.new_request("image-probe", prompt, SamplingParams(max_tokens=1))
-    except Exception:
-        return False
-    return req.prompt_token_ids.count(llm.model.config.image_token_id) > 1
-
-
 def image_support(llm) -> str:
-    """"" when image rows can run, else the reason they cannot (the error row's message)."""
-    if not supports_images(llm):
+    """"" when image rows can run (the engine holds a VL checkpoint's image processor), else the
+    reason they cannot (the error row's message)."""
+    if getattr(llm.engine, "processor", None) is None:
         return "has no vision tower; image rows need a vision-language checkpoint"
-    if not engine_expands_images(llm):
-        return "has a vision tower, but this engine does not run images yet"
     return ""
 
 

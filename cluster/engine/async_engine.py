@@ -2,8 +2,8 @@
 
 Steps run in a worker thread so the event loop stays responsive; adds and aborts are queued
 and applied by the loop between steps, so the engine itself is only ever touched by one
-thread at a time. Validation runs at once in `generate`, so a bad request raises before any
-output and before it reaches the engine.
+thread at a time. Validation runs at once in `generate` (a prompt's images are decoded in a
+worker thread), so a bad request raises before any output and before it reaches the engine.
 """
 from __future__ import annotations
 
@@ -36,8 +36,12 @@ class AsyncEngine:
         request_id = request_id if request_id is not None else f"async-{next(self.ids)}"
         if request_id in self.streams:
             raise ValueError(f"request_id {request_id!r} is already running")
-        req = self.engine.new_request(request_id, prompt, params, priority)
         queue = self.streams[request_id] = asyncio.Queue()
+        try:
+            req = await self.new_request(request_id, prompt, params, priority)
+        except BaseException:
+            self.streams.pop(request_id, None)
+            raise
         self.pending_adds.append(req)
         self.start()
         finished = False
@@ -52,6 +56,14 @@ class AsyncEngine:
             self.streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    async def new_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
+                          priority: int):
+        """Validate; decoding and preprocessing images runs in a thread, off the event loop."""
+        if isinstance(prompt, dict) and prompt.get("images"):
+            return await asyncio.to_thread(self.engine.new_request, request_id, prompt, params,
+                                           priority)
+        return self.engine.new_request(request_id, prompt, params, priority)
 
     def abort(self, request_id: str) -> None:
         self.pending_aborts.append(request_id)

@@ -63,10 +63,12 @@ def test_chat_rows_match_llm_chat_and_bad_rows_become_errors(chat_replica):
         assert row["finish_reason"] == out.outputs[0].finish_reason
     assert got[2]["error"].startswith("prompt has ") and "over task.max_prompt_tokens=40" in got[2]["error"]
     assert got[4]["error"] == "malformed JSON line: boom"
-    if chat_replica.no_images:                 # a clear error row until images run end to end
-        assert got[5]["error"].endswith(chat_replica.no_images)
-    else:
-        assert got[5]["error"] == "" and got[5]["prompt_tokens"] > got[3]["prompt_tokens"]
+    assert chat_replica.no_images == ""        # the tiny preset is a vision-language checkpoint
+    [image_out] = llm.chat([{"role": "user", "content": [{"type": "image", "image": png()},
+                                                         {"type": "text", "text": "look"}]}],
+                           SamplingParams(max_tokens=5, temperature=0.0, seed=0))
+    assert got[5]["error"] == "" and got[5]["text"] == image_out.outputs[0].text
+    assert got[5]["prompt_tokens"] == len(image_out.prompt_token_ids) > got[3]["prompt_tokens"] + 60
 
 
 def test_truncate_keeps_the_prompt_within_the_limit(chat_replica):
