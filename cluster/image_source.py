@@ -5,12 +5,18 @@
 an allow-listed prefix (each prefix names its host and a path, so it cannot match another
 host). Everything else (file:, ftp:, other hosts, internal addresses) is refused: user input
 must never make the server fetch an address of its choosing.
+
+Accepted sources reach the engine as bytes (data: URLs) or as the URI. `s3://` URIs are read by
+`AllowedS3`, the engine's image filesystem, which opens allow-listed buckets only and refuses
+objects over MAX_IMAGE_BYTES. `http(s)://` URIs, even allow-listed, are not fetched yet: the
+engine refuses them, so such a request gets a 400 naming the image.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import os
 from dataclasses import dataclass
 
 from cluster.api import APIError
@@ -68,3 +74,28 @@ def check_image_url(url: str, param: str, s3_buckets: list[str],
                             "send the image as a data: URL")
     raise refuse(param, "an image URL must be a data: URL (or an allowed s3:// or https:// "
                         "location)")
+
+
+class AllowedS3:
+    """The engine's image filesystem: `open("s3://BUCKET/KEY", "rb")` through s3fs for allow-listed
+    buckets only (a second check behind check_image_url). The endpoint comes from
+    AWS_ENDPOINT_URL when set, credentials from the usual AWS chain."""
+
+    def __init__(self, buckets: list[str], fs=None):
+        self.buckets, self.fs = set(buckets), fs
+
+    def open(self, uri: str, mode: str = "rb"):
+        bucket = uri.removeprefix("s3://").split("/", 1)[0]
+        if not uri.startswith("s3://") or bucket not in self.buckets or mode != "rb":
+            raise PermissionError(f"{uri.split('://')[0]}:// bucket {bucket!r} is not allowed")
+        if self.fs is None:
+            import s3fs
+            self.fs = s3fs.S3FileSystem(endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+        size = self.fs.info(uri).get("size") or 0
+        if size > MAX_IMAGE_BYTES:
+            raise ValueError(f"object is {size} bytes, over the image limit of {MAX_IMAGE_BYTES}")
+        return self.fs.open(uri, mode)
+
+
+def image_filesystem(s3_buckets: list[str]) -> AllowedS3 | None:
+    return AllowedS3(s3_buckets) if s3_buckets else None

@@ -33,19 +33,18 @@ class ReplicaStats:
 
 class LocalReplica:
     def __init__(self, model: str, settings: EngineSettings, ep_size: int = 1,
-                 gpus_per_rank: float | None = None):
+                 gpus_per_rank: float | None = None, image_filesystem=None):
         s = settings
         llm = LLM(model, dtype=s.dtype, device=s.device, seed=s.seed, max_num_seqs=s.max_num_seqs,
                   max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len,
                   kv_cache_memory=s.kv_cache_memory, block_size=s.block_size, ep_size=ep_size,
-                  gpus_per_rank=gpus_per_rank)
+                  gpus_per_rank=gpus_per_rank, image_filesystem=image_filesystem)
         self.engine = llm.engine
         self.tokenizer = llm.tokenizer
         self.async_engine = AsyncEngine(llm.engine)
         self.max_model_len = llm.engine.max_model_len
-        # images need the vision tower (issue 5) as well as a vision config
-        self.accepts_images = (llm.model.config.vision is not None
-                               and getattr(llm.model, "visual", None) is not None)
+        # a VL checkpoint's engine holds its image processor (the expert-parallel one not yet)
+        self.accepts_images = getattr(llm.engine, "processor", None) is not None
         self.error: BaseException | None = None
 
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str

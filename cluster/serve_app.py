@@ -26,6 +26,7 @@ from cluster.api import APIError, ChatCompletionRequest, CompletionRequest, vali
 from cluster.auth import APIKeys, load_keys
 from cluster.chat_prompt import build_chat_prompt
 from cluster.engine import RequestError, SamplingError
+from cluster.image_source import image_filesystem
 from cluster.local_replica import ReplicaDead
 from cluster.metrics import Metrics
 from cluster.responder import DONE, ChatResponder, CompletionResponder, sse
@@ -295,6 +296,8 @@ def create_app(config: ServeConfig, replica) -> FastAPI:
     for kind in (APIError, RequestError, SamplingError, ReplicaDead, Exception):
         app.add_exception_handler(kind, known_error)
     app.add_middleware(StatusCounter, metrics=server.metrics)
+    from cluster.openapi_schema import describe_request_bodies
+    describe_request_bodies(app)
     return app
 
 
@@ -311,7 +314,8 @@ def deployment_class():
         def __init__(self, config: dict):
             self.config = ServeConfig.model_validate(config)
             self.replica = LocalReplica(self.config.model, self.config.engine,
-                                        self.config.ep_size, self.config.num_gpus)
+                                        self.config.ep_size, self.config.num_gpus,
+                                        image_filesystem(self.config.allowed_s3_buckets))
 
         def __serve_build_asgi_app__(self):
             return create_app(self.config, self.replica)

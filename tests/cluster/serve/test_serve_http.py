@@ -40,7 +40,7 @@ def server(tiny_checkpoint, tmp_path_factory):
     from cluster.serve_app import build_app
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text(KEY + "\n")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -150,22 +150,39 @@ def test_n_choices_and_chat_logprobs(client):
     assert body["usage"]["completion_tokens"] == total
 
 
-def image_url() -> str:
+def image_url(size: int = 8) -> str:
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), "blue").save(buffer, format="PNG")
+    Image.new("RGB", (size, size), "blue").save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_images_policy_and_text_only_model(client):
-    def with_image(url):
-        return chat([{"role": "user", "content": [{"type": "text", "text": "what is this?"},
-                                                  {"type": "image_url", "image_url": {"url": url}}]}])
-    refused = client.post("/v1/chat/completions", json=with_image("http://169.254.169.254/x.png"))
-    assert refused.status_code == 400
-    assert refused.json()["error"]["param"] == "messages.0.content.1.image_url.url"
-    text_only = client.post("/v1/chat/completions", json=with_image(image_url()))
-    assert text_only.status_code == 400
-    assert text_only.json()["error"]["code"] == "images_not_supported"
+def with_image(url, **extra):
+    return chat([{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                              {"type": "image_url", "image_url": {"url": url}}]}],
+                **extra)
+
+
+def test_image_data_url_runs_like_offline_chat(client, llm):
+    """The tiny preset is a vision-language checkpoint: a data: URL image is decoded, expanded
+    to its vision tokens and run; the answer equals LLM.chat with the same content parts."""
+    request = with_image(image_url())
+    body = client.post("/v1/chat/completions", json=request).json()
+    [offline] = llm.chat(request["messages"], SamplingParams(temperature=0, max_tokens=6))
+    assert offline.prompt_token_ids.count(llm.model.config.image_token_id) == 64   # 256x256 px
+    assert body["choices"][0]["message"]["content"] == offline.outputs[0].text
+    assert body["usage"]["prompt_tokens"] == len(offline.prompt_token_ids)
+    streamed = client.post("/v1/chat/completions", json=with_image(image_url(), stream=True))
+    text = "".join(c["choices"][0]["delta"].get("content", "")
+                   for c in sse_events(streamed.text) if c["choices"])
+    assert text == offline.outputs[0].text
+
+
+def test_images_refused_by_policy(client):
+    for url in ("http://169.254.169.254/x.png", "s3://not-allowed/x.png", "file:///etc/passwd"):
+        refused = client.post("/v1/chat/completions", json=with_image(url))
+        assert refused.status_code == 400, url
+        assert refused.json()["error"]["param"] == "messages.0.content.1.image_url.url"
+    assert client.get("/health").status_code == 200          # and the engine still serves
 
 
 def error_of(response, status: int) -> dict:
@@ -267,3 +284,36 @@ def test_overload_503_with_retry_after_then_service(server):
         error_of(r, 503)
     again = httpx.post(server + "/small/v1/chat/completions", json=chat(HELLO), timeout=60)
     assert again.status_code == 200
+
+
+class FakeS3:
+    """Stands in for s3fs: a dict of objects with s3fs's `info` and `open`."""
+
+    def __init__(self, objects: dict[str, bytes]):
+        self.objects = objects
+
+    def info(self, uri: str) -> dict:
+        return {"size": len(self.objects[uri])}
+
+    def open(self, uri: str, mode: str):
+        return io.BytesIO(self.objects[uri])
+
+
+def test_allowed_s3_images_run_and_others_are_refused(llm):
+    from cluster.engine import RequestError
+    from cluster.image_source import MAX_IMAGE_BYTES, AllowedS3
+    png = base64.b64decode(image_url().partition(",")[2])
+    fake = FakeS3({"s3://imgs/a.png": png, "s3://imgs/big.png": b"x" * (MAX_IMAGE_BYTES + 1),
+                   "s3://other/a.png": png})
+    llm.engine.image_filesystem = AllowedS3(["imgs"], fake)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4)
+        prompt = "<|vision_start|><|image_pad|><|vision_end|>"
+        [from_s3] = llm.generate({"prompt": prompt, "images": ["s3://imgs/a.png"]}, params)
+        [from_bytes] = llm.generate({"prompt": prompt, "images": [png]}, params)
+        assert from_s3.outputs[0].token_ids == from_bytes.outputs[0].token_ids
+        for uri, why in (("s3://other/a.png", "not allowed"), ("s3://imgs/big.png", "over the image")):
+            with pytest.raises(RequestError, match=why):
+                llm.generate({"prompt": prompt, "images": [uri]}, params)
+    finally:
+        llm.engine.image_filesystem = None
