@@ -70,6 +70,19 @@ class TextModel(nn.Module):
         return self.norm(x_TH)
 
 
+def scatter(x_TH: torch.Tensor, input_ids_T: torch.Tensor, rows_MH: torch.Tensor | None,
+            mask_T: torch.Tensor | None, token_id: int, kind: str) -> None:
+    """Write `rows_MH` into x_TH's rows where mask_T (default: input_ids_T == token_id)."""
+    if rows_MH is None:
+        return
+    if mask_T is None:
+        mask_T = input_ids_T == token_id
+    if int(mask_T.sum()) != rows_MH.shape[0]:
+        raise ValueError(f"{int(mask_T.sum())} {kind} placeholder rows but "
+                         f"{rows_MH.shape[0]} vision tokens")
+    x_TH[mask_T.to(x_TH.device)] = rows_MH.to(x_TH.dtype)
+
+
 class HybridForCausalLM(nn.Module):
     """`model(input_ids_T, batch, cache)` -> logits [L, Vocab] for batch.logits_indices."""
 
@@ -96,27 +109,34 @@ class HybridForCausalLM(nn.Module):
         w = self.model.embed_tokens.weight
         return self.model.visual(pixel_values_NP.to(w.device), grid_thw_I3).to(w.dtype)
 
+    def encode_videos(self, pixel_values_videos_NP: torch.Tensor,
+                      video_grid_thw_V3: torch.Tensor) -> torch.Tensor:
+        """Vision tokens [M, H] for preprocessed videos (model/video.py), in order: the same
+        tower, attention within each temporal patch."""
+        return self.encode_images(pixel_values_videos_NP, video_grid_thw_V3)
+
     def embed(self, input_ids_T: torch.Tensor, pixel_values_NP: torch.Tensor | None = None,
               grid_thw_I3: torch.Tensor | None = None, image_embeds_MH: torch.Tensor | None = None,
-              image_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+              image_mask_T: torch.Tensor | None = None, *,
+              pixel_values_videos_NP: torch.Tensor | None = None,
+              video_grid_thw_V3: torch.Tensor | None = None,
+              video_embeds_MH: torch.Tensor | None = None,
+              video_mask_T: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [T, H] with vision tokens written into the image placeholder rows.
 
         Pass either the preprocessed images or their precomputed `encode_images` rows (M rows,
         in order; e.g. one chunk's slice). image_mask_T (bool [T]) picks the rows to overwrite;
         default: every image_token_id, which is wrong only when a packed step also holds a
         generated <|image_pad|> token of another sequence (MultimodalPrompt.image_mask avoids it).
+        Videos likewise, into the video_token_id rows (MultimodalPrompt.video_mask/video_rows).
         """
         x_TH = self.model.embed_tokens(input_ids_T)
         if pixel_values_NP is not None:
             image_embeds_MH = self.encode_images(pixel_values_NP, grid_thw_I3)
-        if image_embeds_MH is None:
-            return x_TH
-        if image_mask_T is None:
-            image_mask_T = input_ids_T == self.config.image_token_id
-        if int(image_mask_T.sum()) != image_embeds_MH.shape[0]:
-            raise ValueError(f"{int(image_mask_T.sum())} image placeholder rows but "
-                             f"{image_embeds_MH.shape[0]} vision tokens")
-        x_TH[image_mask_T.to(x_TH.device)] = image_embeds_MH.to(x_TH.dtype)
+        if pixel_values_videos_NP is not None:
+            video_embeds_MH = self.encode_videos(pixel_values_videos_NP, video_grid_thw_V3)
+        scatter(x_TH, input_ids_T, image_embeds_MH, image_mask_T, self.config.image_token_id, "image")
+        scatter(x_TH, input_ids_T, video_embeds_MH, video_mask_T, self.config.video_token_id, "video")
         return x_TH
 
     @staticmethod
