@@ -35,16 +35,21 @@ def read_and_prepare(item: dict, spec_text: str) -> list[dict]:
 
 
 READ_CPUS = 0.25             # per read + preprocess task; I/O and templating, mostly waiting
+RANK_CPUS = 1                # per rank actor of an ep_size > 1 replica (ExpertParallelEngine's default)
 
 
 def check_cpus(spec: JobSpec, cluster_cpus: float) -> None:
-    """Replicas that take every CPU would starve the read tasks feeding them: refuse up front."""
+    """Replicas that take every CPU would starve the read tasks feeding them, and a replica whose
+    rank placement group cannot be placed beside its coordinator would wait forever: refuse up
+    front. With ep_size > 1 a replica is the coordinator (cpus_per_replica) plus ep_size ranks."""
     r = spec.resources
-    need = r.replicas * r.cpus_per_replica + READ_CPUS
+    ranks = f" + ep_size {r.ep_size} x {RANK_CPUS} per rank" if r.ep_size > 1 else ""
+    need = r.replicas * (r.cpus_per_replica + (r.ep_size * RANK_CPUS if ranks else 0)) + READ_CPUS
     if need > cluster_cpus:
-        raise ValueError(f"resources: {r.replicas} replicas x cpus_per_replica "
-                         f"{r.cpus_per_replica} + {READ_CPUS} for reading needs {need:g} CPUs; "
-                         f"the Ray cluster has {cluster_cpus:g}")
+        each = f"(cpus_per_replica {r.cpus_per_replica}{ranks})" if ranks else \
+            f"cpus_per_replica {r.cpus_per_replica}"
+        raise ValueError(f"resources: {r.replicas} replicas x {each} + {READ_CPUS} for reading "
+                         f"needs {need:g} CPUs; the Ray cluster has {cluster_cpus:g}")
 
 
 def build_dataset(spec: JobSpec, shards: list[Shard]):
@@ -56,7 +61,7 @@ def build_dataset(spec: JobSpec, shards: list[Shard]):
     pool = ray.data.ActorPoolStrategy(size=r.replicas)
     return ds.map_batches(ModelReplica, fn_constructor_args=(text,), compute=pool,
                           batch_size=r.batch_size, num_cpus=r.cpus_per_replica,
-                          num_gpus=r.gpus_per_rank or None)
+                          num_gpus=(r.gpus_per_rank if r.ep_size == 1 else 0) or None)  # ranks hold the GPUs
 
 
 def ensure_ray() -> None:
