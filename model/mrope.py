@@ -128,8 +128,10 @@ class MultimodalPrompt:
         return self.token_mask(self.video_token_id, start, end)
 
     def token_mask(self, token_id: int | None, start: int, end: int) -> torch.Tensor:
+        """token_id None (no videos): nothing matches."""
         T = len(self.token_ids)
-        inside = torch.tensor(self.token_ids[min(start, T):min(end, T)], dtype=torch.long) == token_id
+        ids = torch.tensor(self.token_ids[min(start, T):min(end, T)], dtype=torch.long)
+        inside = ids == (-1 if token_id is None else token_id)
         return torch.cat([inside, torch.zeros(max(end, T) - max(start, T), dtype=torch.bool)])
 
     def image_rows(self, start: int, end: int) -> tuple[int, int]:
@@ -142,7 +144,7 @@ class MultimodalPrompt:
         return self.token_rows(self.video_token_id, start, end)
 
     def token_rows(self, token_id: int | None, start: int, end: int) -> tuple[int, int]:
-        is_token = np.asarray(self.token_ids) == token_id
+        is_token = np.asarray(self.token_ids, dtype=np.int64) == (-1 if token_id is None else token_id)
         before = np.concatenate([[0], np.cumsum(is_token)])
         T = len(self.token_ids)
         return int(before[min(start, T)]), int(before[min(end, T)])

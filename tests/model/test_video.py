@@ -136,6 +136,8 @@ def test_placeholder_expansion_renders_timestamped_patches():
     assert mm.token_ids == expected
     assert mm.video_grid_thw.tolist() == [[3, 12, 12]]
     assert mm.video_rows(0, len(expected)) == (0, 108)
+    text_only = prepare_multimodal([7, 8], [], ImageProcessor(), cfg)
+    assert not text_only.video_mask(0, 3).any() and text_only.video_rows(0, 2) == (0, 0)
     with pytest.raises(VideoError, match="1 video placeholder"):
         prepare_multimodal([S, V, E], [], ImageProcessor(), cfg, videos=[clip, clip],
                            tokenizer=CharTokenizer())
