@@ -35,7 +35,7 @@ def read_and_prepare(item: dict, spec_text: str) -> list[dict]:
 
 
 READ_CPUS = 0.25             # per read + preprocess task; I/O and templating, mostly waiting
-RANK_CPUS = 1                # per rank actor of an ep_size > 1 replica (ExpertParallelEngine's default)
+RANK_CPUS = 1                # per rank actor of an ep_size > 1 replica (cluster/replica.py default)
 
 
 def check_cpus(spec: JobSpec, cluster_cpus: float) -> None:
@@ -59,9 +59,10 @@ def build_dataset(spec: JobSpec, shards: list[Shard]):
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(read_and_prepare, fn_kwargs={"spec_text": text}, num_cpus=READ_CPUS)
     pool = ray.data.ActorPoolStrategy(size=r.replicas)
+    # with ep_size > 1 this actor is only the coordinator: the GPUs belong to its rank actors
     return ds.map_batches(ModelReplica, fn_constructor_args=(text,), compute=pool,
                           batch_size=r.batch_size, num_cpus=r.cpus_per_replica,
-                          num_gpus=(r.gpus_per_rank if r.ep_size == 1 else 0) or None)  # ranks hold the GPUs
+                          num_gpus=(r.gpus_per_rank if r.ep_size == 1 else 0) or None)
 
 
 def ensure_ray() -> None:
