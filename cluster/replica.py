@@ -13,6 +13,7 @@ request rebuilds the replica as a unit.
 """
 from __future__ import annotations
 
+import os
 import time
 from types import SimpleNamespace
 
@@ -48,8 +49,8 @@ class ExpertParallelEngine:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        if not ray.is_initialized():
-            ray.init()
+        if not ray.is_initialized():   # RAY_ADDRESS inside a Ray job, else a fresh local Ray
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
         self.pg = placement_group([dict(self.bundle)] * self.ep_size, strategy="PACK")
         ray.get(self.pg.ready(), timeout=START_TIMEOUT_S)
         actor = ray.remote(RankWorker)

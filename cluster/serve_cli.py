@@ -7,6 +7,7 @@ the Serve config a RayService needs.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import yaml
@@ -34,7 +35,7 @@ def cmd_serve_run(args) -> None:
     from cluster.serve_app import build_app
     config = load_config(args.config, model=args.model, host=args.host, port=args.port,
                          api_key_env=args.api_key_env)
-    ray.init()
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")   # never a stale /tmp/ray one
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix)
