@@ -96,10 +96,12 @@ def test_driver_killed_then_finished_through_the_jobs_api(ray_head, tmp_path, ti
         "output": {"uri": str(out), "format": "jsonl", "rows_per_shard": 2}}))
     env = {**os.environ, "RAY_ADDRESS": gcs, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     driver = subprocess.Popen([str(VENV_BIN / "deltaray"), "batch", "run", str(tmp_path / "job.yaml")],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: list(out.glob("part-*")) or driver.poll() is not None, 240, "a commit")
+    exited = driver.poll()
     driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    stderr = driver.communicate()[1].decode(errors="replace")
+    assert exited is None, f"driver exited ({exited}) before committing a shard:\n{stderr[-3000:]}"
     committed = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
     assert 0 < len(committed) < 12 and not (out / "_SUCCESS").exists()
 
