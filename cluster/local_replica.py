@@ -7,6 +7,7 @@ expert-parallel replica (a group of rank workers, cluster/replica.py) can take i
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from cluster.engine import LLM, AsyncEngine, RequestError, RequestOutput, SamplingError, SamplingParams
@@ -57,8 +58,9 @@ class LocalReplica:
         if self.error is not None:
             raise ReplicaDead(f"the engine failed earlier: {self.error}")
         try:
-            async for out in self.async_engine.generate(prompt, params, request_id):
-                yield out
+            async with aclosing(self.async_engine.generate(prompt, params, request_id)) as outs:
+                async for out in outs:       # closed on exit, so an early leave aborts at once
+                    yield out
         except (RequestError, SamplingError):
             raise
         except Exception as e:

@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -144,14 +145,18 @@ class OpenAIServer:
         start = last = time.perf_counter()
         seen, finished = 0, False
         try:
-            async for out in self.replica.generate(prompt, params, request_id):
-                now, tokens = time.perf_counter(), sum(len(o.delta_token_ids) for o in out.outputs)
-                if tokens and seen == 0:
-                    self.metrics.ttft.observe(now - start)
-                elif tokens:
-                    self.metrics.itl.observe((now - last) / tokens)
-                last, seen, finished = (now, seen + tokens, out.finished) if tokens else (last, seen, out.finished)
-                yield out
+            async with aclosing(self.replica.generate(prompt, params, request_id)) as outs:
+                async for out in outs:       # closed on exit, so an early leave aborts at once
+                    now = time.perf_counter()
+                    tokens = sum(len(o.delta_token_ids) for o in out.outputs)
+                    if tokens and seen == 0:
+                        self.metrics.ttft.observe(now - start)
+                    elif tokens:
+                        self.metrics.itl.observe((now - last) / tokens)
+                    if tokens:
+                        last, seen = now, seen + tokens
+                    finished = out.finished
+                    yield out
         finally:
             self.metrics.generation_tokens.inc(seen)
             if finished:
