@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def jobs_client(address: str):
 
 
 def cmd_run(args) -> None:
-    from pipelines.job import run_job
+    from pipelines.job import JobFailed, run_job
     from pipelines.spec import load_spec, parse_spec
     import json
     if args.spec_env:
@@ -47,7 +48,11 @@ def cmd_run(args) -> None:
         raise ValueError("batch run: give a job spec file")
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
-    run_job(spec, quiet=args.quiet)
+    try:
+        run_job(spec, quiet=args.quiet)
+    except JobFailed as e:                    # one line, not Ray's traceback
+        print(f"deltaray: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def submission(spec, upload: bool) -> dict:

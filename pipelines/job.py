@@ -109,29 +109,61 @@ def write_summary(spec: JobSpec, progress: Progress) -> None:
     commit(out.fs, f"{out.path}/_SUCCESS", b"")
 
 
+ATTEMPTS = 3       # a Ray-level failure (lost actor, lost node) resumes from committed shards
+
+
+class JobFailed(RuntimeError):
+    """The job could not finish; what was committed stays, and a rerun resumes from it."""
+
+
 def run_job(spec: JobSpec, quiet: bool = False, stop_after_shards: int | None = None) -> Progress:
     """Run (or resume) `spec`; returns the counters. `stop_after_shards` ends the run early
     without a summary, as a killed job would (tests and benchmarks use it)."""
     shards = plan_shards(spec)
     out = locate(spec.output.uri, spec.storage)
     done = committed_keys(list_names(out.fs, out.path), spec.output.format)
-    todo = [s for s in shards if s.key not in done]
     progress = Progress(sum(s.count for s in shards),
                         skipped_rows=sum(s.count for s in shards if s.key in done))
-    if todo:
-        ensure_ray()
-        import ray
-        check_cpus(spec, ray.cluster_resources().get("CPU", 0))
-        collector = ShardCollector(spec, todo, progress)
-        for row in build_dataset(spec, todo).iter_rows():
-            collector.add(row)
-            if not quiet:
-                progress.maybe_print()
-            if stop_after_shards is not None and progress.shards_written >= stop_after_shards:
+    for attempt in range(1, ATTEMPTS + 1):
+        todo = [s for s in shards if s.key not in done]
+        if not todo:
+            break
+        try:
+            if run_pass(spec, todo, progress, quiet, stop_after_shards):
                 return progress
-        if collector.missing:
-            raise RuntimeError(f"{len(collector.missing)} shards incomplete: "
-                               f"{collector.missing[:3]}")
+            break
+        except Exception as e:
+            if not is_ray_failure(e) or attempt == ATTEMPTS:
+                raise JobFailed(f"job {spec.name!r} failed (attempt {attempt} of {ATTEMPTS}): "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                                f"committed shards are kept and a rerun resumes") from e
+            print(f"[batch] attempt {attempt} lost its workers ({type(e).__name__}); resuming "
+                  f"from committed shards", flush=True)
+            done = committed_keys(list_names(out.fs, out.path), spec.output.format)
     write_summary(spec, progress)
     print(f"[batch] job {spec.name!r} done -> {spec.output.uri}\n{progress.table()}", flush=True)
     return progress
+
+
+def is_ray_failure(e: Exception) -> bool:
+    """A failure of Ray's machinery (actors, nodes, objects), not of the job's own code."""
+    import ray.exceptions
+    return isinstance(e, ray.exceptions.RayError) and not isinstance(e, ray.exceptions.RayTaskError)
+
+
+def run_pass(spec: JobSpec, todo: list, progress: Progress, quiet: bool,
+             stop_after_shards: int | None) -> bool:
+    """One pass over the shards still to do; True when stopped early on purpose."""
+    ensure_ray()
+    import ray
+    check_cpus(spec, ray.cluster_resources().get("CPU", 0))
+    collector = ShardCollector(spec, todo, progress)
+    for row in build_dataset(spec, todo).iter_rows():
+        collector.add(row)
+        if not quiet:
+            progress.maybe_print()
+        if stop_after_shards is not None and progress.shards_written >= stop_after_shards:
+            return True
+    if collector.missing:
+        raise RuntimeError(f"{len(collector.missing)} shards incomplete: {collector.missing[:3]}")
+    return False

@@ -213,3 +213,52 @@ def test_killed_replica_is_replaced_and_every_row_lands_once(ray_cluster, tmp_pa
                         for line in f.read_text().splitlines()])
     assert sorted(got) == [r["id"] for r in rows]
     assert all(r["error"] is None and r["completion_tokens"] > 0 for r in got.values())
+
+
+def test_a_lost_pass_resumes_from_committed_shards(ray_cluster, s3, tiny_checkpoint, monkeypatch,
+                                                   capsys):
+    """A Ray-level failure in the middle of a pass (here: the first pass stops after two commits
+    and raises the error a cancelled replica actor gives, since no real part can make Ray cancel
+    an actor on cue) resumes within the same run; each id lands exactly once."""
+    import ray.exceptions
+
+    import pipelines.job as job_module
+    endpoint, fs = s3
+    rows = news_rows(10)
+    put(fs, "corpus/lost/news.jsonl", jsonl(rows))
+    spec = job(tiny_checkpoint, endpoint, input={"uri": "s3://corpus/lost/news.jsonl",
+                                                 "id_column": "id"},
+               output={"uri": "s3://corpus/lost-out", "format": "jsonl", "rows_per_shard": 2})
+    real_pass, calls = job_module.run_pass, []
+
+    def flaky_pass(spec, todo, progress, quiet, stop_after_shards):
+        calls.append(len(todo))
+        if len(calls) == 1:
+            real_pass(spec, todo, progress, quiet, stop_after_shards=2)
+            raise ray.exceptions.ActorDiedError()
+        return real_pass(spec, todo, progress, quiet, stop_after_shards)
+
+    monkeypatch.setattr(job_module, "run_pass", flaky_pass)
+    progress = run_job(spec, quiet=True)
+    assert calls == [5, 3] and progress.rows_ok == 10
+    assert "attempt 1 lost its workers" in capsys.readouterr().out
+    got = exactly_once(read_output(fs, "corpus/lost-out", "jsonl"))
+    assert sorted(got) == sorted(r["id"] for r in rows)
+
+
+def test_a_failure_of_the_job_itself_is_not_retried(ray_cluster, s3, tiny_checkpoint, monkeypatch):
+    import pipelines.job as job_module
+    endpoint, fs = s3
+    put(fs, "corpus/bug/news.jsonl", jsonl(news_rows(2)))
+    spec = job(tiny_checkpoint, endpoint, input={"uri": "s3://corpus/bug/news.jsonl"},
+               output={"uri": "s3://corpus/bug-out", "format": "jsonl"})
+    calls = []
+
+    def broken_pass(*args):
+        calls.append(1)
+        raise RuntimeError("shards incomplete")
+
+    monkeypatch.setattr(job_module, "run_pass", broken_pass)
+    with pytest.raises(job_module.JobFailed, match="attempt 1 of 3.*shards incomplete"):
+        run_job(spec, quiet=True)
+    assert calls == [1]
