@@ -132,6 +132,8 @@ def run_job(spec: JobSpec, quiet: bool = False, stop_after_shards: int | None = 
             if run_pass(spec, todo, progress, quiet, stop_after_shards):
                 return progress
             break
+        except ValueError:          # the spec does not fit (e.g. the cluster's CPUs): a user error
+            raise
         except Exception as e:
             if not is_ray_failure(e) or attempt == ATTEMPTS:
                 raise JobFailed(f"job {spec.name!r} failed (attempt {attempt} of {ATTEMPTS}): "
