@@ -25,6 +25,19 @@ from PIL import Image
 from model.image import ImageError
 
 
+def config_kwargs(cls, raw: dict) -> dict:
+    """The fields of dataclass `cls` found in a processor config file; `size.shortest_edge` /
+    `size.longest_edge` are the min / max pixels when those are not given directly."""
+    names = {f.name for f in fields(cls)}
+    kw = {k: v for k, v in raw.items() if k in names and v is not None}
+    size = raw.get("size") or {}
+    if "shortest_edge" in size and "min_pixels" not in raw:
+        kw["min_pixels"] = size["shortest_edge"]
+    if "longest_edge" in size and "max_pixels" not in raw:
+        kw["max_pixels"] = size["longest_edge"]
+    return kw
+
+
 @dataclass
 class ImageProcessorConfig:
     """Fields of preprocessor_config.json; the defaults are the released Qwen3.5 values."""
@@ -47,14 +60,7 @@ class ImageProcessorConfig:
 
     @staticmethod
     def from_dict(raw: dict) -> "ImageProcessorConfig":
-        names = {f.name for f in fields(ImageProcessorConfig)}
-        kw = {k: v for k, v in raw.items() if k in names and v is not None}
-        size = raw.get("size") or {}
-        if "shortest_edge" in size and "min_pixels" not in raw:
-            kw["min_pixels"] = size["shortest_edge"]
-        if "longest_edge" in size and "max_pixels" not in raw:
-            kw["max_pixels"] = size["longest_edge"]
-        return ImageProcessorConfig(**kw)
+        return ImageProcessorConfig(**config_kwargs(ImageProcessorConfig, raw))
 
     @staticmethod
     def from_pretrained(path: str | Path) -> "ImageProcessorConfig":

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from model.image import ImageError, load_image
+from model.image_processor import config_kwargs
 
 MAX_DECODE_PIXELS_PER_FRAME = 1 << 25
 
@@ -88,14 +89,7 @@ class VideoProcessorConfig:
 
     @staticmethod
     def from_dict(raw: dict) -> "VideoProcessorConfig":
-        names = {f.name for f in fields(VideoProcessorConfig)}
-        kw = {k: v for k, v in raw.items() if k in names and v is not None}
-        size = raw.get("size") or {}
-        if "shortest_edge" in size and "min_pixels" not in raw:
-            kw["min_pixels"] = size["shortest_edge"]
-        if "longest_edge" in size and "max_pixels" not in raw:
-            kw["max_pixels"] = size["longest_edge"]
-        return VideoProcessorConfig(**kw)
+        return VideoProcessorConfig(**config_kwargs(VideoProcessorConfig, raw))
 
     @staticmethod
     def from_pretrained(path: str | Path) -> "VideoProcessorConfig":
