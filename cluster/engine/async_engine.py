@@ -60,7 +60,7 @@ class AsyncEngine:
     async def new_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                           priority: int):
         """Validate; decoding and preprocessing images runs in a thread, off the event loop."""
-        if isinstance(prompt, dict) and prompt.get("images"):
+        if isinstance(prompt, dict) and (prompt.get("images") or prompt.get("videos")):
             return await asyncio.to_thread(self.engine.new_request, request_id, prompt, params,
                                            priority)
         return self.engine.new_request(request_id, prompt, params, priority)

@@ -23,10 +23,20 @@ from cluster.engine.sequence import Sequence
 from model.batch import HybridCache
 from model.image import ImageError
 from model.mrope import MultimodalPrompt, prepare_multimodal
+from model.video import Video
 
 log = logging.getLogger("deltaray.engine")
 
 PromptInput = str | list[int] | dict
+
+
+def as_video(value) -> Video:
+    """A Video, or a dict of its fields ({"frames": [...], "timestamps": [...] | "fps": f})."""
+    if isinstance(value, Video):
+        return value
+    if isinstance(value, dict) and "frames" in value:
+        return Video(list(value["frames"]), value.get("timestamps"), value.get("fps"))
+    raise ImageError("a video is a model.video.Video or {'frames': [...], 'timestamps' or 'fps'}")
 
 
 class RequestError(ValueError):
@@ -44,13 +54,15 @@ def cache_budget(config: EngineConfig, device: torch.device) -> int:
 
 
 class Engine:
-    """processor: the checkpoint's ImageProcessor (None: image requests are refused);
-    image_filesystem: what reads `s3://` (or other scheme) image URIs, e.g. s3fs."""
+    """processor: the checkpoint's ImageProcessor (None: image and video requests are refused);
+    video_processor: its VideoProcessor; image_filesystem: what reads `s3://` (or other
+    scheme) image and frame URIs, e.g. s3fs."""
 
     def __init__(self, model, tokenizer, config: EngineConfig, eos_token_ids: list[int],
-                 processor=None, image_filesystem=None):
+                 processor=None, image_filesystem=None, video_processor=None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.processor, self.image_filesystem = processor, image_filesystem
+        self.video_processor = video_processor
         cfg, weight = model.config, model.lm_head.weight
         self.vocab_size = cfg.vocab_size
         self.plan = self.plan_cache(cfg, weight.dtype, weight.device)
@@ -96,7 +108,8 @@ class Engine:
                                f"got {type(params).__name__}")
         params.validate()
         text, ids = self.tokenize(prompt)
-        mm = self.prepare_images(ids, prompt.get("images") if isinstance(prompt, dict) else None)
+        media = prompt if isinstance(prompt, dict) else {}
+        mm = self.prepare_images(ids, media.get("images"), media.get("videos"))
         ids = mm.token_ids if mm is not None else ids
         self.check_prompt(ids)
         return Request(request_id, text, ids, params, priority, mm)
@@ -114,19 +127,24 @@ class Engine:
             return None, list(prompt)
         raise RequestError(f"prompt must be str, list[int] or dict, got {type(prompt).__name__}")
 
-    def prepare_images(self, ids: list[int], images) -> MultimodalPrompt | None:
-        """Decode and preprocess a prompt's images, expand its placeholders (None: no images).
-        Any bad image (or placeholder count) rejects the request, naming the input."""
-        if not images:
+    def prepare_images(self, ids: list[int], images, videos=None) -> MultimodalPrompt | None:
+        """Decode and preprocess a prompt's images and videos (`model.video.Video`, or a dict
+        of its fields), expand the placeholders (None: neither). Any bad input (or placeholder
+        count) rejects the request, naming the input."""
+        if not images and not videos:
             return None
         if self.processor is None:
-            raise RequestError("this model does not accept images (no vision tower or "
+            raise RequestError("this model does not accept images or videos (no vision tower or "
                                "preprocessor_config.json)")
-        if not isinstance(images, (list, tuple)):
-            raise RequestError(f"'images' must be a list, got {type(images).__name__}")
+        for name, value in (("images", images), ("videos", videos)):
+            if value and not isinstance(value, (list, tuple)):
+                raise RequestError(f"'{name}' must be a list, got {type(value).__name__}")
         try:
-            return prepare_multimodal(ids, list(images), self.processor, self.model.config,
-                                      filesystem=self.image_filesystem)
+            return prepare_multimodal(ids, list(images or []), self.processor, self.model.config,
+                                      filesystem=self.image_filesystem,
+                                      videos=[as_video(v) for v in videos or []],
+                                      video_processor=self.video_processor,
+                                      tokenizer=self.tokenizer)
         except ImageError as e:
             raise RequestError(str(e)) from None
 

@@ -22,6 +22,7 @@ from cluster.engine.sampling_params import SamplingParams
 from model.checkpoint import load_model, resolve_dtype
 from model.config import ModelConfig
 from model.image_processor import ImageProcessor
+from model.video import VideoProcessor
 from model.processor import Tokenizer
 
 
@@ -107,9 +108,18 @@ def chat_images(conversation: list[dict]) -> list:
     return images
 
 
-def chat_prompt(templated: str | list[int], images: list) -> dict:
+def chat_videos(conversation: list[dict]) -> list:
+    """The videos of a conversation's `{"type": "video", "video": Video | {"frames": [...],
+    "timestamps" or "fps"}}` content parts, in order."""
+    return [part.get("video") for message in conversation
+            for part in (message.get("content") if isinstance(message.get("content"), list) else [])
+            if isinstance(part, dict) and ("video" in part or part.get("type") == "video")]
+
+
+def chat_prompt(templated: str | list[int], images: list, videos: list = ()) -> dict:
     prompt = {"prompt": templated} if isinstance(templated, str) else {"prompt_token_ids": templated}
-    return {**prompt, "images": images} if images else prompt
+    media = {"images": images} if images else {}
+    return {**prompt, **media, **({"videos": list(videos)} if videos else {})}
 
 
 class LLM:
@@ -133,8 +143,9 @@ class LLM:
         show_engine_log()
         processor = (ImageProcessor.from_pretrained(self.model_dir)
                      if self.model.config.vision is not None else None)
+        videos = VideoProcessor.from_pretrained(self.model_dir) if processor is not None else None
         self.engine = Engine(self.model, self.tokenizer, config, eos_token_ids(self.model_dir),
-                             processor, image_filesystem)
+                             processor, image_filesystem, videos)
         self.request_counter = 0
 
     def generate(self, prompts: PromptInput | list[PromptInput],
@@ -163,7 +174,8 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True,
                                                       enable_thinking=enable_thinking)
                    for c in conversations]
-        return self.generate([chat_prompt(p, chat_images(c)) for p, c in zip(prompts, conversations)],
+        return self.generate([chat_prompt(p, chat_images(c), chat_videos(c))
+                              for p, c in zip(prompts, conversations)],
                              sampling_params)
 
     def next_id(self) -> str:

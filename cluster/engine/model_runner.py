@@ -70,29 +70,46 @@ class ModelRunner:
         keeps them until its prompt is in the cache (chunks may split an image span)."""
         if all(seq.mm is None for seq, _ in scheduled):
             return None, None
-        positions, masks, rows = [], [], []
+        positions, masks, rows, video_masks, video_rows = [], [], [], [], []
         for seq, n in scheduled:
-            start = seq.num_cached_tokens
-            positions.append(text_positions(start, n) if seq.mm is None
-                             else seq.mm.positions(start, start + n))
-            masks.append(torch.zeros(n, dtype=torch.bool) if seq.mm is None
-                         else seq.mm.image_mask(start, start + n))
-            if seq.mm is not None:
+            start, mm = seq.num_cached_tokens, seq.mm
+            positions.append(text_positions(start, n) if mm is None
+                             else mm.positions(start, start + n))
+            masks.append(torch.zeros(n, dtype=torch.bool) if mm is None
+                         else mm.image_mask(start, start + n))
+            video_masks.append(torch.zeros(n, dtype=torch.bool) if mm is None
+                               else mm.video_mask(start, start + n))
+            if mm is not None:
                 rows.extend(self.vision_rows(seq, start, start + n))
-        if not rows:                                # decodes / text chunks only
+                video_rows.extend(self.video_rows(seq, start, start + n))
+        if not rows and not video_rows:             # decodes / text chunks only
             return torch.cat(positions, dim=1), None
-        embeds_TH = self.model.embed(input_ids_T, image_embeds_MH=torch.cat(rows),
-                                     image_mask_T=torch.cat(masks))
+        embeds_TH = self.model.embed(
+            input_ids_T, image_embeds_MH=torch.cat(rows) if rows else None,
+            image_mask_T=torch.cat(masks),
+            video_embeds_MH=torch.cat(video_rows) if video_rows else None,
+            video_mask_T=torch.cat(video_masks) if video_rows else None)
         return torch.cat(positions, dim=1), embeds_TH
 
     def vision_rows(self, seq: Sequence, start: int, end: int) -> list[torch.Tensor]:
-        """This chunk's rows of the sequence's vision tokens ([] when it has none)."""
+        """This chunk's rows of the sequence's image tokens ([] when it has none)."""
         a, b = seq.mm.image_rows(start, end)
         if a < b and seq.vision is None:
             seq.vision = self.model.encode_images(seq.mm.pixel_values, seq.mm.grid_thw)
         chunk = [seq.vision[a:b]] if a < b else []
         if end >= seq.num_prompt_tokens:            # prompt done: the encoder output is spent
             seq.vision = None
+        return chunk
+
+    def video_rows(self, seq: Sequence, start: int, end: int) -> list[torch.Tensor]:
+        """This chunk's rows of the sequence's video tokens ([] when it has none)."""
+        a, b = seq.mm.video_rows(start, end)
+        if a < b and seq.video_vision is None:
+            seq.video_vision = self.model.encode_videos(seq.mm.pixel_values_videos,
+                                                        seq.mm.video_grid_thw)
+        chunk = [seq.video_vision[a:b]] if a < b else []
+        if end >= seq.num_prompt_tokens:
+            seq.video_vision = None
         return chunk
 
     @torch.inference_mode()

@@ -49,7 +49,8 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
         self.mm = mm
-        self.vision: torch.Tensor | None = None
+        self.vision: torch.Tensor | None = None         # image tokens [M, H] during prefill
+        self.video_vision: torch.Tensor | None = None   # video tokens [M, H] during prefill
 
     @property
     def sort_key(self) -> tuple[int, int, int]:
@@ -86,11 +87,11 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Forget the cache contents; the whole token list (prompt + outputs) is fed again."""
         self.num_cached_tokens = 0
-        self.vision = None
+        self.vision = self.video_vision = None
         self.num_preemptions += 1
         self.status = SequenceStatus.WAITING
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
-        self.vision = None
+        self.vision = self.video_vision = None
         self.status = SequenceStatus.FINISHED
         self.finish_reason, self.stop_reason = reason, stop_reason
