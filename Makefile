@@ -21,9 +21,13 @@ demo: $(STAMP)
 	$(VENV)/bin/deltaray batch run examples/jobs/demo.yaml
 	$(PY) -m cluster.demo out/demo
 
-# pytest exits 5 when it collects no tests; that is not a failure of the suite.
+# pytest exits 5 when it collects no tests; that is not a failure of the suite. Tests marked
+# own_process start their own Ray head and run in a fresh pytest process after the rest (after a
+# long run of other Ray tests in the same process, the head's Ray Data actors were cancelled).
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=20; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PYTEST) --durations=20 -m "not own_process"; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PYTEST) -m own_process; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -83,6 +83,7 @@ def cli(*argv: str, capsys) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.own_process
 def test_driver_killed_then_finished_through_the_jobs_api(ray_head, tmp_path, tiny_checkpoint,
                                                           capsys):
     gcs, url = ray_head
