@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402  (a declared dependency)
 
 from cluster.engine import LLM, SamplingParams  # noqa: E402
 

@@ -29,7 +29,7 @@ def test_conv_no_leak_across_sequences():
 
 
 def test_conv_matches_hf_fallback():
-    hf = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as hf
     x, weight = torch.randn(11, 8, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
     y_hf = hf.causal_conv1d_fn(x.T[None], weight, None, "silu")
     y = causal_conv1d_fn(x, weight)

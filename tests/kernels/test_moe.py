@@ -32,7 +32,7 @@ def test_expert_offset_keeps_only_local_experts(assert_rms_close):
 
 
 def test_route_and_experts_match_hf():
-    hf = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as hf
     from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
     cfg = Qwen3_5MoeTextConfig(hidden_size=16, moe_intermediate_size=8, num_experts=6, num_experts_per_tok=2)
     experts, router = hf.Qwen3_5MoeExperts(cfg), hf.Qwen3_5MoeTopKRouter(cfg)
@@ -49,7 +49,7 @@ def test_route_and_experts_match_hf():
 
 
 def test_sorted_moe_matches_hf_experts_at_larger_shape():
-    hf = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as hf
     from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
     cfg = Qwen3_5MoeTextConfig(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=4)
     experts = hf.Qwen3_5MoeExperts(cfg).to(torch.bfloat16)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis")
+import schemathesis  # noqa: E402  (in the [test] extra)
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  (after the skip)
 from schemathesis.checks import not_a_server_error  # noqa: E402
 

@@ -34,7 +34,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
 
     from cluster.serve_app import build_app
