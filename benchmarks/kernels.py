@@ -7,7 +7,7 @@ CPU (always):
 GPU (only when CUDA is present): Triton vs the PyTorch path, and vs flash-linear-attention's
 chunk_gated_delta_rule when `fla` imports, T = 4K..64K, with TFLOP/s and GB/s vs H200 peak.
 
-Run: python benchmarks/kernels.py [--quick] [--threads N]
+Run: python -m benchmarks.kernels [--quick] [--threads N] [--only delta|moe|gpu]
 """
 import argparse
 import pathlib
@@ -141,6 +141,7 @@ def bench_delta_rule_gpu(lengths, H=16, HV=32, K=128, V=128):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short lengths only (smoke run)")
+    parser.add_argument("--only", choices=["delta", "moe", "gpu"], help="run one section only")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 gives stable ratios on a shared machine")
     args = parser.parse_args()
@@ -148,9 +149,11 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    bench_delta_rule_cpu([256, 1024] if args.quick else [1024, 4096, 16384])
-    bench_moe_cpu(N=256 if args.quick else 2048)
-    if torch.cuda.is_available():
+    if args.only in (None, "delta"):
+        bench_delta_rule_cpu([256, 1024] if args.quick else [1024, 4096, 16384])
+    if args.only in (None, "moe"):
+        bench_moe_cpu(N=256 if args.quick else 2048)
+    if args.only in (None, "gpu") and torch.cuda.is_available():
         bench_delta_rule_gpu([4096] if args.quick else [4096, 16384, 65536])
     else:
         print("\n(no CUDA device: GPU sections skipped)")
