@@ -2,13 +2,21 @@
 
 Chunks of C = 64 tokens start at each sequence's own start; the last chunk of a sequence is padded
 with q = k = v = 0, g = 0, beta = 0, which changes neither its outputs nor the state (qwen35 §4.4).
-All intra-chunk work (cumulative gate, strictly lower beta*K*K^T*decay, its unit-triangular solve,
-w/u, the intra-chunk attention) is one batched op over every chunk of a window; the only loop
-is the sequential pass over chunk positions, batched over sequences and heads.
+All intra-chunk work (cumulative gate, beta*K*K^T*decay, the inverse of its unit-lower-triangular
+system, w/u, the intra-chunk attention) is one batched op over every chunk of a window; the only
+loop is the sequential pass over chunk positions, batched over sequences and heads, and it holds
+just the state-dependent matmuls (two C x K x V products and one K x C x V update per chunk).
+
+Per chunk, with gamma the cumulative log gate inside the chunk and S the incoming state [K, V]:
+    A = (I + strictly-lower(beta_i k_i.k_j exp(gamma_i - gamma_j)))^-1
+    w = A diag(beta exp(gamma)) k,   u = A diag(beta) v
+    v' = u - w S,   o = (q exp(gamma)) S + tril(q k^T exp(gamma_i - gamma_j)) v'
+    S' = exp(gamma_C) S + (k exp(gamma_C - gamma))^T v'
 
 Shape legend:
-    T tokens (flat, all rows), N sequences, G chunk positions in a window, C chunk size (64),
-    HV value heads, K key dim, V value dim.
+    T tokens (flat, all rows), N sequences, A sequences active in a window, G chunk positions in a
+    window, C chunk size (64), H key heads, R value heads per key head, HV = H * R value heads,
+    K key dim, V value dim.
 """
 import torch
 
@@ -33,39 +41,54 @@ def chunk_token_index(starts_N, lens_N, first_chunk, num_chunks, pad_row):
     return torch.where(offs_G1C < lens_N[:, None], starts_N[:, None] + offs_G1C, pad_row)
 
 
+def unit_lower_inverse(system_BCC):
+    """(I + strictly-lower(system))^-1 for a batch of C x C matrices; the diagonal and above are ignored."""
+    eye_CC = torch.eye(system_BCC.shape[-1], dtype=system_BCC.dtype, device=system_BCC.device)
+    return torch.linalg.solve_triangular(system_BCC, eye_CC.expand_as(system_BCC), upper=False, unitriangular=True)
+
+
 def intra_chunk(q, k, v, g, beta):
     """Everything that does not depend on the incoming state, batched over chunks.
-    q, k [..., H, 1, C, K] (key heads; broadcast over the R value heads of each); v [..., H, R, C, V];
-    g, beta [..., H, R, C]. Returns (q_eff, pu, w, u, k_dec, chunk_decay), each [..., H, R, C, ·], with
-    o = q_eff @ S + pu,  v' = u - w @ S,  S' = chunk_decay * S + k_dec^T @ v'."""
+    q, k [P, H, C, K] (key heads, P = G * A); v [P, H, R, C, V]; g, beta [P, H, R, C].
+    Returns (q_dec, w, k_dec [P, H, R, C, K], u [P, H, R, C, V], attn [P, H, R, C, C], gamma_C [P, H, R])."""
+    P, H, R, C = g.shape
     gamma = g.cumsum(-1)
-    causal_CC = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
-    diff = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal_CC, float("-inf"))
-    decay_CC = diff.exp()
-    system = k @ k.transpose(-1, -2) * (beta[..., None] * decay_CC)  # K K^T once per key head
-    # (I + strictly-lower(system)) X = rhs; the diagonal is taken as 1 (unitriangular)
-    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    k_b = k.expand(*beta.shape, k.shape[-1]) * (beta * gamma.exp())[..., None]
-    w = torch.linalg.solve_triangular(system, k_b, upper=False, unitriangular=True)
-    attn = q @ k.transpose(-1, -2) * decay_CC
-    q_eff = q * gamma.exp()[..., None] - attn @ w
-    k_dec = k * (gamma[..., -1:] - gamma).exp()[..., None]
-    return q_eff, attn @ u, w, u, k_dec, gamma[..., -1].exp()[..., None, None]
+    decay = (gamma[..., :, None] - gamma[..., None, :]).exp_().tril_()  # [P, H, R, C, C]; above diag -> 0
+    kk = (k @ k.transpose(-1, -2)).unsqueeze(2)  # once per key head, shared by its R value heads
+    A = unit_lower_inverse((kk * decay).mul_(beta[..., :, None]).view(-1, C, C)).reshape(P, H, R, C, C)
+    attn = decay.mul_((q @ k.transpose(-1, -2)).unsqueeze(2))
+    e_gamma = gamma.exp()
+    # w = A diag(beta e^gamma) k: the R value heads of a key head stack into one [R*C, C] @ [C, K] product
+    w = ((A * (beta * e_gamma)[..., None, :]).reshape(P, H, R * C, C) @ k).view(P, H, R, C, -1)
+    u = A.mul_(beta[..., None, :]) @ v
+    q_dec = q.unsqueeze(2) * e_gamma[..., None]
+    k_dec = k.unsqueeze(2) * (gamma[..., -1:] - gamma).exp_()[..., None]
+    return q_dec, w, k_dec, u, attn, gamma[..., -1]
 
 
-def state_pass(parts, state_AHKV):
-    """Sequential pass over the G chunk positions of a window; parts are [G, A, HV, C, ·] contiguous."""
-    q_eff, pu, w, u, k_dec, chunk_decay = parts
-    G, A, HV, C, K = q_eff.shape
-    V = u.shape[-1]
-    flat = lambda x: x.reshape(A * HV, *x.shape[2:])  # noqa: E731  (views: [A * HV, C, ·])
-    out_GAHCV = torch.empty_like(pu)
-    S = state_AHKV.reshape(A * HV, K, V)
+def state_pass(q_dec, w, k_dec, u, attn, gamma_C, S_BKV):
+    """Sequential pass over the G chunk positions of a window, each batched over B = A * HV
+    (sequence, value head) pairs; inputs are [G, B, ·] contiguous. Returns (o [G, B, C, V], S' [B, K, V])."""
+    G, B, C, V = u.shape
+    o_GBCV = torch.empty_like(u)
+    v_new_GBCV = torch.empty_like(u)
+    chunk_decay_GB11 = gamma_C.exp()[..., None, None]
     for c in range(G):
-        torch.baddbmm(flat(pu[c]), flat(q_eff[c]), S, out=out_GAHCV[c].view(A * HV, C, V))
-        v_new = torch.baddbmm(flat(u[c]), flat(w[c]), S, alpha=-1.0)
-        S = torch.baddbmm(S * flat(chunk_decay[c]), flat(k_dec[c]).transpose(1, 2), v_new)
-    return out_GAHCV, S.view(A, HV, K, V)
+        torch.bmm(q_dec[c], S_BKV, out=o_GBCV[c])
+        torch.baddbmm(u[c], w[c], S_BKV, alpha=-1.0, out=v_new_GBCV[c])
+        S_BKV = S_BKV.mul_(chunk_decay_GB11[c]).baddbmm_(k_dec[c].transpose(1, 2), v_new_GBCV[c])
+    # the intra-chunk part of the output needs no state: one batched product over all chunks
+    o_GBCV.view(G * B, C, V).baddbmm_(attn.view(G * B, C, C), v_new_GBCV.view(G * B, C, V))
+    return o_GBCV, S_BKV
+
+
+def gather_chunks(flat, rows_GAC, H):
+    """Flat inputs [T + 1, ...] -> chunk layout: q, k [G*A, H, C, K]; v [G*A, H, R, C, V]; g, beta [G*A, H, R, C]."""
+    G, A, C = rows_GAC.shape
+    q_c, k_c = [x[rows_GAC].view(G * A, C, H, -1).transpose(1, 2).contiguous() for x in flat[:2]]
+    v_c = flat[2][rows_GAC].view(G * A, C, H, -1, flat[2].shape[-1]).permute(0, 2, 3, 1, 4).contiguous()
+    g_c, b_c = [x[rows_GAC].view(G * A, C, H, -1).permute(0, 2, 3, 1).contiguous() for x in flat[3:]]
+    return q_c, k_c, v_c, g_c, b_c
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -76,7 +99,7 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     scale = K ** -0.5 if scale is None else scale
-    # q, k stay at H key heads until gathered into chunks (expanded there, in the same copy)
+    # q, k stay at H key heads: each value head's products broadcast over them
     q_T, k_T = expand_qk(q.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K), H, scale, use_qk_l2norm_in_kernel)
     flat = [with_zero_row(x.reshape(B * T, *x.shape[2:])) for x in (q_T, k_T, v, g, beta)]
     spans = sequence_spans(B, T, cu_seqlens)
@@ -91,13 +114,13 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     while first < int(n_chunks_N.max()):
         active_A = (n_chunks_N > first).nonzero().squeeze(1)
         width = max(1, WINDOW_TOKENS // (CHUNK * len(active_A)))
-        rows = chunk_token_index(starts_N[active_A], lens_N[active_A], first, width, B * T).to(q.device)
-        G, A = rows.shape[:2]
-        q_c, k_c = [x[rows].transpose(2, 3).unsqueeze(3).contiguous() for x in flat[:2]]  # [G, A, H, 1, C, K]
-        v_c, g_c, b_c = [x[rows].transpose(2, 3).contiguous().unflatten(2, (H, HV // H)) for x in flat[2:]]
-        parts = [x.reshape(G, A, HV, *x.shape[4:]) for x in intra_chunk(q_c, k_c, v_c, g_c, b_c)]
-        out_GAHCV, state[active_A] = state_pass(parts, state[active_A])
-        o_flat[rows] = out_GAHCV.transpose(2, 3)
+        rows_GAC = chunk_token_index(starts_N[active_A], lens_N[active_A], first, width, B * T).to(q.device)
+        G, A = rows_GAC.shape[:2]
+        parts = intra_chunk(*gather_chunks(flat, rows_GAC, H))
+        parts = [x.reshape(G, A * HV, *x.shape[3:]) for x in parts]  # [G*A, H, R, ·] -> [G, A*HV, ·] (views)
+        o_GBCV, S_BKV = state_pass(*parts, state[active_A].view(A * HV, K, V))
+        state[active_A] = S_BKV.view(A, HV, K, V)
+        o_flat[rows_GAC] = o_GBCV.view(G, A, HV, CHUNK, V).transpose(2, 3)
         first += width
     o = o_flat[: B * T].reshape(B, T, HV, V).to(v.dtype)
     return o, (state if output_final_state else None)
