@@ -84,7 +84,8 @@ def scatter(x_TH: torch.Tensor, input_ids_T: torch.Tensor, rows_MH: torch.Tensor
 
 
 class HybridForCausalLM(nn.Module):
-    """`model(input_ids_T, batch, cache)` -> logits [L, Vocab] for batch.logits_indices."""
+    """`model(input_ids_T, batch, cache)` -> logits [L, Vocab] for batch.logits_indices;
+    `model.hidden(...)` -> the hidden rows [L, H] those logits come from."""
 
     def __init__(self, cfg: ModelConfig, experts: range | None = None):
         super().__init__()
@@ -98,11 +99,15 @@ class HybridForCausalLM(nn.Module):
 
     def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: HybridCache,
                 inputs_embeds_TH: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden(input_ids_T, batch, cache, inputs_embeds_TH))
+
+    def hidden(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: HybridCache,
+               inputs_embeds_TH: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states [L, H] of the rows that need logits (forward without the
+        lm_head): the engine turns them into logits only where it needs the whole distribution."""
         x_TH = self.model.embed_tokens(input_ids_T) if inputs_embeds_TH is None else inputs_embeds_TH
         h_TH = self.model(x_TH, batch, cache)
-        if batch.logits_indices is not None:
-            h_TH = h_TH[batch.logits_indices]
-        return self.lm_head(h_TH)
+        return h_TH if batch.logits_indices is None else h_TH[batch.logits_indices]
 
     def encode_images(self, pixel_values_NP: torch.Tensor, grid_thw_I3: torch.Tensor) -> torch.Tensor:
         """Vision tokens [M, H] for preprocessed images (model/image_processor.py), in order."""

@@ -13,7 +13,7 @@ import torch
 from cluster.engine.cache_manager import CacheManager, CachePlan, plan_capacity
 from cluster.engine.config import CPU_DEFAULT_KV_MEMORY, EngineConfig
 from cluster.engine.detokenizer import Detokenizer
-from cluster.engine.model_runner import ModelRunner, StepLogits
+from cluster.engine.model_runner import ModelRunner, StepHidden
 from cluster.engine.output import RequestOutput
 from cluster.engine.request import Request
 from cluster.engine.sampler import Sampler, top_logprobs
@@ -199,10 +199,10 @@ class Engine:
             if force:
                 self.runner.run_empty()
             return []
-        logits = self.runner.run(scheduled)
-        return self.postprocess(scheduled, logits)
+        return self.postprocess(scheduled, self.runner.run(scheduled))
 
-    def postprocess(self, scheduled: list[tuple[Sequence, int]], step: StepLogits):
+    @torch.inference_mode()
+    def postprocess(self, scheduled: list[tuple[Sequence, int]], step: StepHidden):
         to_sample = []
         for seq, n in scheduled:
             if seq.seq_id in step.prompt_rows:
@@ -211,16 +211,17 @@ class Engine:
             if seq.seq_id in step.sample_rows:
                 to_sample.append(seq)
         rows = [step.sample_rows[s.seq_id] for s in to_sample]
-        sampled = self.sampler.sample(step.logits_LV[rows], to_sample) if rows else []
+        sampled = self.sampler.sample(step.hidden_LH[rows], self.model.lm_head, to_sample) if rows else []
         for seq, (token, logprob, tops) in zip(to_sample, sampled):
             seq.append_token(token, logprob, tops)
             self.check_stop(seq, token)
         return self.collect_outputs({s.request_id for s in to_sample})
 
-    def record_prompt_logprobs(self, seq: Sequence, n: int, step: StepLogits) -> None:
+    def record_prompt_logprobs(self, seq: Sequence, n: int, step: StepHidden) -> None:
         first_row, first_target = step.prompt_rows[seq.seq_id]
         count = min(n, seq.num_prompt_tokens - first_target)
-        logprobs_LV = torch.log_softmax(step.logits_LV[first_row:first_row + count].float(), -1)
+        logits_LV = self.model.lm_head(step.hidden_LH[first_row:first_row + count])
+        logprobs_LV = torch.log_softmax(logits_LV.float(), -1)
         for j in range(count):
             target = first_target + j
             if target == len(seq.prompt_logprobs):      # skip rows recomputed after preemption

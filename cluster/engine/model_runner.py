@@ -1,4 +1,6 @@
-"""Run the model on one scheduled step: pack the new tokens, describe the step, get logits.
+"""Run the model on one scheduled step: pack the new tokens, describe the step, get the hidden
+states of the rows that need logits (the sampler applies the lm_head, so a greedy row never
+needs its full logits materialised).
 
 Rows that need logits: the last new token of every sequence whose whole token list is now in
 the cache (it samples next), and, for a request that asked for prompt logprobs and has not got
@@ -8,7 +10,7 @@ A step that holds a sequence with images (`seq.mm`) also gets M-RoPE positions f
 and, when a prompt chunk holds image rows, input embeddings with the vision tokens written in
 (`multimodal_inputs`); text-only steps take the plain path.
 
-Legend: T packed new tokens, L rows with logits, V vocabulary, H hidden, M vision tokens.
+Legend: T packed new tokens, L rows with logits, H hidden, M vision tokens.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from model.batch import ForwardBatch, HybridCache
 
 
 @dataclass
-class StepLogits:
-    logits_LV: torch.Tensor
+class StepHidden:
+    hidden_LH: torch.Tensor                  # final hidden states of the rows with logits
     sample_rows: dict[int, int]              # seq_id -> row of logits_LV to sample from
     prompt_rows: dict[int, tuple[int, int]]  # seq_id -> (first row, first target position)
 
@@ -45,7 +47,7 @@ class ModelRunner:
         self.block_size, self.device = block_size, torch.device(device)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> StepLogits:
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> StepHidden:
         ids, rows, sample_rows, prompt_rows, offset = [], [], {}, {}, 0
         for seq, n in scheduled:
             start = seq.num_cached_tokens
@@ -60,8 +62,8 @@ class ModelRunner:
         input_ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions_3T, embeds_TH = self.multimodal_inputs(scheduled, input_ids_T)
         batch = self.describe(scheduled, rows, positions_3T)
-        logits_LV = self.model(input_ids_T, batch, self.cache, inputs_embeds_TH=embeds_TH)
-        return StepLogits(logits_LV, sample_rows, prompt_rows)
+        hidden_LH = self.model.hidden(input_ids_T, batch, self.cache, inputs_embeds_TH=embeds_TH)
+        return StepHidden(hidden_LH, sample_rows, prompt_rows)
 
     def multimodal_inputs(self, scheduled: list[tuple[Sequence, int]], input_ids_T: torch.Tensor
                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -1,4 +1,5 @@
-"""Turn one row of logits per sequence into the next token, as the sequence's settings say.
+"""Turn one row per sequence (its final hidden state, through the lm_head) into the next token,
+as the sequence's settings say.
 
 Order: penalties (repetition on prompt+output, presence/frequency on output) and min_tokens
 masking on the raw logits -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> draw.
@@ -6,13 +7,14 @@ A draw takes one uniform number from the sequence's own generator, so a seeded r
 the same tokens whatever else shares the batch. Reported logprobs are those of the raw
 model distribution (before penalties and temperature), as vLLM reports them by default.
 
-Legend: N sequences to sample, V vocabulary.
+Legend: N sequences to sample, M of them with full logits, H hidden, V vocabulary.
 """
 from __future__ import annotations
 
 import torch
 
 from cluster.engine.sequence import Sequence
+from kernels import linear_argmax
 
 NEG_INF = float("-inf")
 
@@ -88,11 +90,28 @@ class Sampler:
     def __init__(self, eos_token_ids: list[int]):
         self.eos_token_ids = list(eos_token_ids)
 
-    def sample(self, logits_NV: torch.Tensor, seqs: list[Sequence]):
-        """One (token_id, logprob or None, top_logprobs or None) per sequence.
+    def sample(self, hidden_NH: torch.Tensor, lm_head: torch.nn.Linear, seqs: list[Sequence]):
+        """One (token_id, logprob or None, top_logprobs or None) per sequence, from the final
+        hidden states of the rows that sample.
 
-        Plain greedy rows take one batched argmax; logprobs are computed only for the rows whose
-        request asked for them (a log-softmax over the vocabulary per row is not free)."""
+        Plain greedy rows that report no logprobs take the blocked argmax of the lm_head (their
+        logits are never materialised); every other row gets its full logits."""
+        fast = [s.params.greedy and not needs_processing(s) and s.params.logprobs is None
+                for s in seqs]
+        fast_rows = [i for i, f in enumerate(fast) if f]
+        slow_rows = [i for i, f in enumerate(fast) if not f]
+        tokens = dict(zip(fast_rows, linear_argmax(hidden_NH[fast_rows], lm_head.weight).tolist()
+                          if fast_rows else []))
+        out = [(tokens[i], None, None) if f else None for i, f in enumerate(fast)]
+        if slow_rows:
+            logits_MV = lm_head(hidden_NH[slow_rows])
+            for i, sampled in zip(slow_rows, self.sample_full(logits_MV, [seqs[i] for i in slow_rows])):
+                out[i] = sampled
+        return out
+
+    def sample_full(self, logits_NV: torch.Tensor, seqs: list[Sequence]):
+        """As `sample`, from full logits rows; logprobs only for the rows whose request asked for
+        them (a log-softmax over the vocabulary per row is not free)."""
         plain = [s.params.greedy and not needs_processing(s) for s in seqs]
         argmax_N = logits_NV.argmax(-1).tolist() if any(plain) else []
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
