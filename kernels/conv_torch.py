@@ -1,14 +1,13 @@
-"""Fast PyTorch path for the short causal conv: all sequences in one depthwise conv1d.
+"""Fast PyTorch path for the short causal conv: all sequences at once, W + 1 shifted multiply-adds.
 
 Each sequence gets its P history rows (its conv state, or zeros) placed in front of its tokens in
-one extended buffer; a single valid conv over that buffer then never mixes sequences, because
-every output row only reaches W rows back, into its own history.
+one extended [rows, channels] buffer; the causal taps over that buffer then never mix sequences,
+because every output row only reaches W rows back, into its own history.
 
 Shape legend: T packed tokens, C channels, W taps before the current one (weight [C, W + 1]),
 P state columns (P >= W), S slots, N sequences, X = T + N * P extended rows.
 """
 import torch
-import torch.nn.functional as F
 
 from kernels.conv_reference import activate
 
@@ -35,6 +34,18 @@ def history_rows(x, conv_states, slots_N, has_initial_state, num_seqs, width):
     return hist_NPC
 
 
+def causal_taps(ext_XC, weight_CJ):
+    """sum_j weight[:, j] * ext[r - W + j] for every row r >= W of the buffer: [X - W, C].
+
+    Shifted multiply-adds over row slices in the packed [rows, channels] layout: no transposes
+    and no copies of the buffer (a conv1d call needs [C, X] and gathers back)."""
+    X, W = ext_XC.shape[0], weight_CJ.shape[1] - 1
+    out_RC = ext_XC[W:] * weight_CJ[:, W]
+    for j in range(W):
+        out_RC.addcmul_(ext_XC[j:X - W + j], weight_CJ[:, j])
+    return out_RC
+
+
 def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=None, conv_states=None,
                            state_indices=None, has_initial_state=None):
     """Same contract as `kernels.causal_conv1d_fn`: x [T, C], weight [C, W + 1] -> y [T, C]."""
@@ -45,15 +56,18 @@ def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=N
     N = len(lens_N)
     slots_N = torch.arange(N, device=x.device) if state_indices is None else state_indices.long()
     hist_rows_NP = hist_start_N[:, None] + torch.arange(P, device=x.device)
-    ext_XC = x.new_zeros(T + N * P, C)
-    ext_XC[token_rows_T] = x
-    ext_XC[hist_rows_NP.flatten()] = history_rows(x, conv_states, slots_N, has_initial_state, N, P).reshape(N * P, C)
-    out_CX = F.conv1d(ext_XC.T.to(weight.dtype)[None], weight[:, None, :], bias, groups=C)[0]
-    y = activate(out_CX[:, token_rows_T - W], activation).T.to(x.dtype)
+    ext_XC = torch.empty(T + N * P, C, dtype=weight.dtype, device=x.device)
+    ext_XC[token_rows_T] = x.to(weight.dtype)
+    hist_NPC = history_rows(x, conv_states, slots_N, has_initial_state, N, P)
+    ext_XC[hist_rows_NP.flatten()] = hist_NPC.reshape(N * P, C).to(weight.dtype)
+    out_RC = causal_taps(ext_XC, weight)
+    if bias is not None:
+        out_RC += bias
+    y = activate(out_RC[token_rows_T - W], activation).to(x.dtype)
     if conv_states is not None:
         last_rows_NP = hist_rows_NP + lens_N[:, None]
         conv_states[slots_N] = ext_XC[last_rows_NP].transpose(1, 2).to(conv_states.dtype)
-    return y.contiguous()
+    return y
 
 
 def causal_conv1d_update_torch(x, conv_states, weight, bias=None, activation="silu", state_indices=None):
