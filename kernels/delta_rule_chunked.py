@@ -1,29 +1,33 @@
 """Fast CPU path for the gated delta rule: the chunked (WY / UT-transform) form in batched PyTorch.
 
-Chunks of C = 64 tokens start at each sequence's own start; the last chunk of a sequence is padded
-with q = k = v = 0, g = 0, beta = 0, which changes neither its outputs nor the state (qwen35 §4.4).
-All intra-chunk work (cumulative gate, beta*K*K^T*decay, the inverse of its unit-lower-triangular
-system, w/u, the intra-chunk attention) is one batched op over every chunk of a window; the only
-loop is the sequential pass over chunk positions, batched over sequences and heads, and it holds
-just the state-dependent matmuls (two C x K x V products and one K x C x V update per chunk).
+Chunks of C tokens start at each sequence's own start. All intra-chunk work (cumulative gate,
+beta*K*K^T*decay, the inverse of its unit-lower-triangular system, w/u, the intra-chunk attention)
+is one batched op over every chunk of a window; the only loop is the sequential pass over chunk
+positions, batched over sequences and heads, and it holds just the state-dependent matmuls.
 
 Per chunk, with gamma the cumulative log gate inside the chunk and S the incoming state [K, V]:
     A = (I + strictly-lower(beta_i k_i.k_j exp(gamma_i - gamma_j)))^-1
     w = A diag(beta exp(gamma)) k,   u = A diag(beta) v
     v' = u - w S,   o = (q exp(gamma)) S + tril(q k^T exp(gamma_i - gamma_j)) v'
     S' = exp(gamma_C) S + (k exp(gamma_C - gamma))^T v'
+A padded slot past a sequence's end has g = beta = 0 (qwen35 §4.4): its row of A is the identity,
+so its w, u and v' rows are 0 whatever its q, k, v are (they are read from any real token), it
+adds nothing to the state, and its own output row is dropped.
+
+The CPU path is memory-bound outside the matmuls, so C = 32 and small windows (intermediates stay
+in cache) beat the Triton contract's C = 64 here; results agree within fp32 rounding.
 
 Shape legend:
     T tokens (flat, all rows), N sequences, A sequences active in a window, G chunk positions in a
-    window, C chunk size (64), H key heads, R value heads per key head, HV = H * R value heads,
-    K key dim, V value dim.
+    window, C chunk size, H key heads, R value heads per key head, HV = H * R value heads,
+    K key dim, V value dim, B = A * HV (sequence, value head) pairs.
 """
 import torch
 
 from kernels.delta_rule_reference import check_delta_rule_shapes, expand_qk, sequence_spans
 
-CHUNK = 64
-WINDOW_TOKENS = 1024  # bounds the intermediate memory: about this many tokens' chunks at a time
+CHUNK = 32
+WINDOW_TOKENS = 256  # tokens' chunks per window: bounds memory and keeps the intermediates in cache
 
 
 def with_zero_row(x):
@@ -41,10 +45,20 @@ def chunk_token_index(starts_N, lens_N, first_chunk, num_chunks, pad_row):
     return torch.where(offs_G1C < lens_N[:, None], starts_N[:, None] + offs_G1C, pad_row)
 
 
-def unit_lower_inverse(system_BCC):
-    """(I + strictly-lower(system))^-1 for a batch of C x C matrices; the diagonal and above are ignored."""
-    eye_CC = torch.eye(system_BCC.shape[-1], dtype=system_BCC.dtype, device=system_BCC.device)
-    return torch.linalg.solve_triangular(system_BCC, eye_CC.expand_as(system_BCC), upper=False, unitriangular=True)
+def gather_heads(x_TH, rows_GAC):
+    """x [T', Hx, ...] -> [G, A, Hx, C, ...]: token rows_GAC of every head, head-major inside a chunk, one copy."""
+    Hx = x_TH.shape[1]
+    index_GAHC = rows_GAC[:, :, None, :] * Hx + torch.arange(Hx, device=rows_GAC.device)[:, None]
+    picked = x_TH.reshape(x_TH.shape[0] * Hx, -1).index_select(0, index_GAHC.flatten())
+    return picked.view(*index_GAHC.shape, *x_TH.shape[2:])
+
+
+def unit_lower_inverse(system_PCC):
+    """(I + strictly-lower(system))^-1 for a batch of C x C matrices (diagonal and above ignored), row-major.
+    Solved as the transposed upper system, since LAPACK hands results back column-major."""
+    eye_CC = torch.eye(system_PCC.shape[-1], dtype=system_PCC.dtype, device=system_PCC.device)
+    return torch.linalg.solve_triangular(system_PCC.mT, eye_CC.expand_as(system_PCC), upper=True,
+                                         unitriangular=True).mT
 
 
 def intra_chunk(q, k, v, g, beta):
@@ -55,11 +69,11 @@ def intra_chunk(q, k, v, g, beta):
     gamma = g.cumsum(-1)
     decay = (gamma[..., :, None] - gamma[..., None, :]).exp_().tril_()  # [P, H, R, C, C]; above diag -> 0
     kk = (k @ k.transpose(-1, -2)).unsqueeze(2)  # once per key head, shared by its R value heads
-    A = unit_lower_inverse((kk * decay).mul_(beta[..., :, None]).view(-1, C, C)).reshape(P, H, R, C, C)
+    A = unit_lower_inverse((kk * decay).mul_(beta[..., :, None]).view(-1, C, C)).view(P, H, R, C, C)
     attn = decay.mul_((q @ k.transpose(-1, -2)).unsqueeze(2))
     e_gamma = gamma.exp()
     # w = A diag(beta e^gamma) k: the R value heads of a key head stack into one [R*C, C] @ [C, K] product
-    w = ((A * (beta * e_gamma)[..., None, :]).reshape(P, H, R * C, C) @ k).view(P, H, R, C, -1)
+    w = ((A * (beta * e_gamma)[..., None, :]).view(P, H, R * C, C) @ k).view(P, H, R, C, -1)
     u = A.mul_(beta[..., None, :]) @ v
     q_dec = q.unsqueeze(2) * e_gamma[..., None]
     k_dec = k.unsqueeze(2) * (gamma[..., -1:] - gamma).exp_()[..., None]
@@ -67,27 +81,31 @@ def intra_chunk(q, k, v, g, beta):
 
 
 def state_pass(q_dec, w, k_dec, u, attn, gamma_C, S_BKV):
-    """Sequential pass over the G chunk positions of a window, each batched over B = A * HV
-    (sequence, value head) pairs; inputs are [G, B, ·] contiguous. Returns (o [G, B, C, V], S' [B, K, V])."""
+    """Sequential pass over the G chunk positions of a window, each batched over the B (sequence,
+    value head) pairs; inputs are [G, B, ·] contiguous; u is overwritten. Returns (o [G, B, C, V], S')."""
     G, B, C, V = u.shape
     o_GBCV = torch.empty_like(u)
-    v_new_GBCV = torch.empty_like(u)
+    v_new_GBCV = u  # u - w S, in place
     chunk_decay_GB11 = gamma_C.exp()[..., None, None]
     for c in range(G):
         torch.bmm(q_dec[c], S_BKV, out=o_GBCV[c])
-        torch.baddbmm(u[c], w[c], S_BKV, alpha=-1.0, out=v_new_GBCV[c])
+        v_new_GBCV[c].baddbmm_(w[c], S_BKV, alpha=-1.0)
         S_BKV = S_BKV.mul_(chunk_decay_GB11[c]).baddbmm_(k_dec[c].transpose(1, 2), v_new_GBCV[c])
     # the intra-chunk part of the output needs no state: one batched product over all chunks
     o_GBCV.view(G * B, C, V).baddbmm_(attn.view(G * B, C, C), v_new_GBCV.view(G * B, C, V))
     return o_GBCV, S_BKV
 
 
-def gather_chunks(flat, rows_GAC, H):
-    """Flat inputs [T + 1, ...] -> chunk layout: q, k [G*A, H, C, K]; v [G*A, H, R, C, V]; g, beta [G*A, H, R, C]."""
+def window_inputs(inputs, rows_GAC, pad_row):
+    """Chunk layout of one window: q, k [G*A, H, C, K]; v [G*A, H, R, C, V]; g, beta [G*A, H, R, C] (fp32).
+    q, k, v of padded slots read the last real token (any finite row will do); g, beta read zeros."""
+    q_T, k_T, v_T, g_T, beta_T = inputs
     G, A, C = rows_GAC.shape
-    q_c, k_c = [x[rows_GAC].view(G * A, C, H, -1).transpose(1, 2).contiguous() for x in flat[:2]]
-    v_c = flat[2][rows_GAC].view(G * A, C, H, -1, flat[2].shape[-1]).permute(0, 2, 3, 1, 4).contiguous()
-    g_c, b_c = [x[rows_GAC].view(G * A, C, H, -1).permute(0, 2, 3, 1).contiguous() for x in flat[3:]]
+    H = q_T.shape[1]
+    real_rows_GAC = rows_GAC.clamp(max=pad_row - 1)
+    q_c, k_c = [gather_heads(x, real_rows_GAC).view(G * A, H, C, -1) for x in (q_T, k_T)]
+    v_c = gather_heads(v_T, real_rows_GAC).float().view(G * A, H, -1, C, v_T.shape[-1])
+    g_c, b_c = [gather_heads(x, rows_GAC).view(G * A, H, -1, C) for x in (g_T, beta_T)]
     return q_c, k_c, v_c, g_c, b_c
 
 
@@ -101,14 +119,15 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     scale = K ** -0.5 if scale is None else scale
     # q, k stay at H key heads: each value head's products broadcast over them
     q_T, k_T = expand_qk(q.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K), H, scale, use_qk_l2norm_in_kernel)
-    flat = [with_zero_row(x.reshape(B * T, *x.shape[2:])) for x in (q_T, k_T, v, g, beta)]
+    inputs = (q_T[0], k_T[0], v.reshape(B * T, HV, V), with_zero_row(g.reshape(B * T, HV)),
+              with_zero_row(beta.reshape(B * T, HV)))
     spans = sequence_spans(B, T, cu_seqlens)
     starts_N = torch.tensor([b * T + s for b, s, _ in spans], dtype=torch.long)
     lens_N = torch.tensor([e - s for _, s, e in spans], dtype=torch.long)
     N = len(spans)
     state = (torch.zeros(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is None
              else initial_state.float().clone())
-    o_flat = torch.empty(B * T + 1, HV, V, dtype=torch.float32, device=q.device)
+    o_flat = torch.empty((B * T + 1) * HV, V, dtype=torch.float32, device=q.device)  # row B*T: padded slots
     n_chunks_N = (lens_N + CHUNK - 1) // CHUNK
     first = 0
     while first < int(n_chunks_N.max()):
@@ -116,11 +135,12 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
         width = max(1, WINDOW_TOKENS // (CHUNK * len(active_A)))
         rows_GAC = chunk_token_index(starts_N[active_A], lens_N[active_A], first, width, B * T).to(q.device)
         G, A = rows_GAC.shape[:2]
-        parts = intra_chunk(*gather_chunks(flat, rows_GAC, H))
-        parts = [x.reshape(G, A * HV, *x.shape[3:]) for x in parts]  # [G*A, H, R, ·] -> [G, A*HV, ·] (views)
+        parts = intra_chunk(*window_inputs(inputs, rows_GAC, B * T))
+        parts = [x.view(G, A * HV, *x.shape[3:]) for x in parts]  # [G*A, H, R, ·] -> [G, A*HV, ·] (views)
         o_GBCV, S_BKV = state_pass(*parts, state[active_A].view(A * HV, K, V))
         state[active_A] = S_BKV.view(A, HV, K, V)
-        o_flat[rows_GAC] = o_GBCV.view(G, A, HV, CHUNK, V).transpose(2, 3)
+        index_GAHC = rows_GAC[:, :, None, :] * HV + torch.arange(HV, device=q.device)[:, None]
+        o_flat.index_copy_(0, index_GAHC.flatten(), o_GBCV.view(-1, V))
         first += width
-    o = o_flat[: B * T].reshape(B, T, HV, V).to(v.dtype)
+    o = o_flat[: B * T * HV].view(B, T, HV, V).to(v.dtype)
     return o, (state if output_final_state else None)
