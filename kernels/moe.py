@@ -14,7 +14,8 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset=0):
     w_down [E_local, D, I]; topk_weights [N, k] (fp32); topk_ids [N, k] global expert ids:
     local index = id - expert_offset, ids outside [expert_offset, expert_offset + E_local) add
     nothing (expert parallelism). Returns y [N, D] in x's dtype; the weighted sum is accumulated
-    in x's dtype with the weights cast to it first, like HF.
+    in x's dtype with the weights cast to it first, like HF (the CPU path scales each expert's
+    hidden by the weight before the down projection, so its roundings differ from HF's slightly).
     """
     if x.is_cuda:
         return fused_moe_triton(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset)

@@ -1,15 +1,19 @@
-"""Fast PyTorch path for the routed experts: tokens sorted by expert, one matmul per active expert.
+"""Fast PyTorch path for the routed experts: assignments sorted by expert, one expert at a time.
 
 The (token, k) assignments held here are sorted by local expert (stable, so each token's
-contributions are added in ascending expert order, like HF's loop over experts), each expert runs
-once on its contiguous slice, and the weighted outputs are added back to token order.
+contributions are added in ascending expert order, like HF's loop over experts). Each expert
+gathers its rows, runs its two matmuls and adds its weighted rows straight into y, so the
+working set is one expert's rows and weights: staging all A rows in [A, D] buffers first was
+slower (the gather, the matmul outputs and the scatter each stream 2 * A * D bytes through memory).
+
+The routing weight multiplies the [R, I] hidden before the down projection rather than the
+[R, D] output: the same product up to rounding, on a quarter of the elements.
 
 Shape legend: N tokens, D hidden, k experts per token, A assignments held here, E_local experts,
-I intermediate size.
+I intermediate size, R rows routed to one expert.
 """
 import torch
-
-from kernels.moe_reference import expert_mlp
+import torch.nn.functional as F
 
 
 def sort_by_expert(topk_ids, expert_offset, num_local):
@@ -24,20 +28,27 @@ def sort_by_expert(topk_ids, expert_offset, num_local):
     return flat_A, local_A, torch.bincount(local_A, minlength=num_local)
 
 
+def weighted_expert_mlp(x_RD, w_gate_up_2ID, w_down_DI, weight_R):
+    """One expert on its rows, each scaled by its routing weight: w * down(silu(gate x) * up x) -> [R, D]."""
+    gate_up_R2I = F.linear(x_RD, w_gate_up_2ID)
+    I = w_down_DI.shape[1]
+    hidden_RI = F.silu(gate_up_R2I[:, :I]).mul_(gate_up_R2I[:, I:]).mul_(weight_R[:, None])
+    return F.linear(hidden_RI, w_down_DI)
+
+
 def fused_moe_torch(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset=0):
     """Same contract as `kernels.fused_moe`: x [N, D] -> y [N, D] in x's dtype."""
-    N, D = x.shape
     k = topk_ids.shape[1]
     flat_A, _, counts_E = sort_by_expert(topk_ids, expert_offset, w_gate_up.shape[0])
     token_A = flat_A // k
-    x_AD = x[token_A]
-    out_AD = torch.empty_like(x_AD)
+    weight_A = topk_weights.flatten()[flat_A].to(x.dtype)
+    y = torch.zeros_like(x)
     start = 0
     for expert, count in enumerate(counts_E.tolist()):
+        rows = slice(start, start + count)
         if count:
-            out_AD[start:start + count] = expert_mlp(x_AD[start:start + count], w_gate_up[expert], w_down[expert])
-            start += count
-    weights_A = topk_weights.flatten()[flat_A].to(x.dtype)
-    y = torch.zeros_like(x)
-    y.index_add_(0, token_A, out_AD * weights_A[:, None])
+            out_RD = weighted_expert_mlp(x.index_select(0, token_A[rows]), w_gate_up[expert], w_down[expert],
+                                         weight_A[rows])
+            y.index_add_(0, token_A[rows], out_RD)
+        start += count
     return y

@@ -60,7 +60,12 @@ def test_sorted_moe_matches_hf_experts_at_larger_shape():
         weights, ids = moe_route(torch.randn(200, 8), 4)
         y_hf = experts(x, ids, weights.to(torch.bfloat16))
         y = fused_moe(x, experts.gate_up_proj, experts.down_proj, weights, ids)
-    # same products and the same per-token order of bf16 additions as HF: bit-identical is expected
-    # but not promised (matmul blocking may differ), so compare tightly instead
-    rel = float((y.float() - y_hf.float()).pow(2).mean().sqrt() / y_hf.float().pow(2).mean().sqrt())
-    assert rel < 1e-2
+        y_fp32 = fused_moe_reference(x.float(), experts.gate_up_proj.float(), experts.down_proj.float(), weights, ids)
+
+    def rel(a, b):
+        return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
+    # the same per-token order of bf16 additions as HF, but the routing weight scales the hidden
+    # before the down projection, so the roundings differ: close to HF, and no farther from the
+    # fp32 result than HF's own bf16 path is
+    assert rel(y, y_hf) < 1e-2
+    assert rel(y, y_fp32) < 1.25 * rel(y_hf, y_fp32)
