@@ -45,11 +45,20 @@ def chunk_token_index(starts_N, lens_N, first_chunk, num_chunks, pad_row):
     return torch.where(offs_G1C < lens_N[:, None], starts_N[:, None] + offs_G1C, pad_row)
 
 
-def gather_heads(x_TH, rows_GAC):
+def scratch(ws, name, shape, device):
+    """fp32 buffer `name` of the per-call workspace ws, reused by every window of that shape: fresh
+    multi-MB tensors per window would be page-faulted in again each time the allocator trims them."""
+    buf = ws.get(name)
+    if buf is None or buf.shape != shape:
+        buf = ws[name] = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf
+
+
+def gather_heads(x_TH, rows_GAC, out=None):
     """x [T', Hx, ...] -> [G, A, Hx, C, ...]: token rows_GAC of every head, head-major inside a chunk, one copy."""
     Hx = x_TH.shape[1]
     index_GAHC = rows_GAC[:, :, None, :] * Hx + torch.arange(Hx, device=rows_GAC.device)[:, None]
-    picked = x_TH.reshape(x_TH.shape[0] * Hx, -1).index_select(0, index_GAHC.flatten())
+    picked = torch.index_select(x_TH.reshape(x_TH.shape[0] * Hx, -1), 0, index_GAHC.flatten(), out=out)
     return picked.view(*index_GAHC.shape, *x_TH.shape[2:])
 
 
@@ -61,52 +70,55 @@ def unit_lower_inverse(system_PCC):
                                          unitriangular=True).mT
 
 
-def intra_chunk(q, k, v, g, beta):
+def intra_chunk(q, k, v, g, beta, ws):
     """Everything that does not depend on the incoming state, batched over chunks.
     q, k [P, H, C, K] (key heads, P = G * A); v [P, H, R, C, V]; g, beta [P, H, R, C].
     Returns (q_dec, w, k_dec [P, H, R, C, K], u [P, H, R, C, V], attn [P, H, R, C, C], gamma_C [P, H, R])."""
     P, H, R, C = g.shape
+    K, V, dev = k.shape[-1], v.shape[-1], k.device
     gamma = g.cumsum(-1)
-    decay = (gamma[..., :, None] - gamma[..., None, :]).exp_().tril_()  # [P, H, R, C, C]; above diag -> 0
+    decay = torch.sub(gamma[..., :, None], gamma[..., None, :], out=scratch(ws, "decay", (P, H, R, C, C), dev))
+    decay.exp_().tril_()  # above the diagonal -> 0
     kk = (k @ k.transpose(-1, -2)).unsqueeze(2)  # once per key head, shared by its R value heads
-    A = unit_lower_inverse((kk * decay).mul_(beta[..., :, None]).view(-1, C, C)).view(P, H, R, C, C)
+    system = torch.mul(kk, decay, out=scratch(ws, "system", (P, H, R, C, C), dev)).mul_(beta[..., :, None])
+    A = unit_lower_inverse(system.view(-1, C, C)).view(P, H, R, C, C)
     attn = decay.mul_((q @ k.transpose(-1, -2)).unsqueeze(2))
     e_gamma = gamma.exp()
     # w = A diag(beta e^gamma) k: the R value heads of a key head stack into one [R*C, C] @ [C, K] product
-    w = ((A * (beta * e_gamma)[..., None, :]).view(P, H, R * C, C) @ k).view(P, H, R, C, -1)
-    u = A.mul_(beta[..., None, :]) @ v
-    q_dec = q.unsqueeze(2) * e_gamma[..., None]
-    k_dec = k.unsqueeze(2) * (gamma[..., -1:] - gamma).exp_()[..., None]
-    return q_dec, w, k_dec, u, attn, gamma[..., -1]
+    A_w = torch.mul(A, (beta * e_gamma)[..., None, :], out=system)
+    w = torch.matmul(A_w.view(P, H, R * C, C), k, out=scratch(ws, "w", (P, H, R * C, K), dev))
+    u = torch.matmul(A.mul_(beta[..., None, :]), v, out=scratch(ws, "u", (P, H, R, C, V), dev))
+    q_dec = torch.mul(q.unsqueeze(2), e_gamma[..., None], out=scratch(ws, "q_dec", (P, H, R, C, K), dev))
+    k_dec = torch.mul(k.unsqueeze(2), (gamma[..., -1:] - gamma).exp_()[..., None],
+                      out=scratch(ws, "k_dec", (P, H, R, C, K), dev))
+    return q_dec, w.view(P, H, R, C, K), k_dec, u, attn, gamma[..., -1]
 
 
-def state_pass(q_dec, w, k_dec, u, attn, gamma_C, S_BKV):
+def state_pass(q_dec, w, k_dec, u, attn, gamma_C, S_BKV, o_GBCV):
     """Sequential pass over the G chunk positions of a window, each batched over the B (sequence,
-    value head) pairs; inputs are [G, B, ·] contiguous; u is overwritten. Returns (o [G, B, C, V], S')."""
+    value head) pairs; inputs are [G, B, ·] contiguous; u and S are updated in place, o written."""
     G, B, C, V = u.shape
-    o_GBCV = torch.empty_like(u)
     v_new_GBCV = u  # u - w S, in place
     chunk_decay_GB11 = gamma_C.exp()[..., None, None]
     for c in range(G):
         torch.bmm(q_dec[c], S_BKV, out=o_GBCV[c])
         v_new_GBCV[c].baddbmm_(w[c], S_BKV, alpha=-1.0)
-        S_BKV = S_BKV.mul_(chunk_decay_GB11[c]).baddbmm_(k_dec[c].transpose(1, 2), v_new_GBCV[c])
+        S_BKV.mul_(chunk_decay_GB11[c]).baddbmm_(k_dec[c].transpose(1, 2), v_new_GBCV[c])
     # the intra-chunk part of the output needs no state: one batched product over all chunks
     o_GBCV.view(G * B, C, V).baddbmm_(attn.view(G * B, C, C), v_new_GBCV.view(G * B, C, V))
-    return o_GBCV, S_BKV
 
 
-def window_inputs(inputs, rows_GAC, pad_row):
+def window_inputs(inputs, rows_GAC, pad_row, ws):
     """Chunk layout of one window: q, k [G*A, H, C, K]; v [G*A, H, R, C, V]; g, beta [G*A, H, R, C] (fp32).
     q, k, v of padded slots read the last real token (any finite row will do); g, beta read zeros."""
     q_T, k_T, v_T, g_T, beta_T = inputs
     G, A, C = rows_GAC.shape
-    H = q_T.shape[1]
+    H, HV, V = q_T.shape[1], v_T.shape[1], v_T.shape[2]
     real_rows_GAC = rows_GAC.clamp(max=pad_row - 1)
     q_c, k_c = [gather_heads(x, real_rows_GAC).view(G * A, H, C, -1) for x in (q_T, k_T)]
-    v_c = gather_heads(v_T, real_rows_GAC).float().view(G * A, H, -1, C, v_T.shape[-1])
+    v_c = gather_heads(v_T, real_rows_GAC, out=scratch(ws, "v", (G * A * HV * C, V), v_T.device))
     g_c, b_c = [gather_heads(x, rows_GAC).view(G * A, H, -1, C) for x in (g_T, beta_T)]
-    return q_c, k_c, v_c, g_c, b_c
+    return q_c, k_c, v_c.view(G * A, H, -1, C, V), g_c, b_c
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -119,7 +131,7 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     scale = K ** -0.5 if scale is None else scale
     # q, k stay at H key heads: each value head's products broadcast over them
     q_T, k_T = expand_qk(q.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K), H, scale, use_qk_l2norm_in_kernel)
-    inputs = (q_T[0], k_T[0], v.reshape(B * T, HV, V), with_zero_row(g.reshape(B * T, HV)),
+    inputs = (q_T[0], k_T[0], v.reshape(B * T, HV, V).float(), with_zero_row(g.reshape(B * T, HV)),
               with_zero_row(beta.reshape(B * T, HV)))
     spans = sequence_spans(B, T, cu_seqlens)
     starts_N = torch.tensor([b * T + s for b, s, _ in spans], dtype=torch.long)
@@ -129,18 +141,25 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
              else initial_state.float().clone())
     o_flat = torch.empty((B * T + 1) * HV, V, dtype=torch.float32, device=q.device)  # row B*T: padded slots
     n_chunks_N = (lens_N + CHUNK - 1) // CHUNK
-    first = 0
+    first, S_BKV, held_A, ws = 0, None, None, {}
     while first < int(n_chunks_N.max()):
         active_A = (n_chunks_N > first).nonzero().squeeze(1)
-        width = max(1, WINDOW_TOKENS // (CHUNK * len(active_A)))
+        A = len(active_A)
+        if held_A is None or len(held_A) != A:  # the active set only shrinks: hold its state across windows
+            if held_A is not None:
+                state[held_A] = S_BKV.view(len(held_A), HV, K, V)
+            S_BKV, held_A = state[active_A].view(A * HV, K, V), active_A
+        width = max(1, WINDOW_TOKENS // (CHUNK * A))
         rows_GAC = chunk_token_index(starts_N[active_A], lens_N[active_A], first, width, B * T).to(q.device)
-        G, A = rows_GAC.shape[:2]
-        parts = intra_chunk(*window_inputs(inputs, rows_GAC, B * T))
+        G = rows_GAC.shape[0]
+        parts = intra_chunk(*window_inputs(inputs, rows_GAC, B * T, ws), ws)
         parts = [x.view(G, A * HV, *x.shape[3:]) for x in parts]  # [G*A, H, R, ·] -> [G, A*HV, ·] (views)
-        o_GBCV, S_BKV = state_pass(*parts, state[active_A].view(A * HV, K, V))
-        state[active_A] = S_BKV.view(A, HV, K, V)
+        o_GBCV = scratch(ws, "o", (G, A * HV, CHUNK, V), q.device)
+        state_pass(*parts, S_BKV, o_GBCV)
         index_GAHC = rows_GAC[:, :, None, :] * HV + torch.arange(HV, device=q.device)[:, None]
         o_flat.index_copy_(0, index_GAHC.flatten(), o_GBCV.view(-1, V))
         first += width
+    if held_A is not None:
+        state[held_A] = S_BKV.view(len(held_A), HV, K, V)
     o = o_flat[: B * T * HV].view(B, T, HV, V).to(v.dtype)
     return o, (state if output_final_state else None)
