@@ -24,7 +24,7 @@ Shape legend:
 """
 import torch
 
-from kernels.delta_rule_reference import check_delta_rule_shapes, expand_qk, sequence_spans
+from kernels.delta_rule_reference import check_delta_rule_shapes, sequence_spans
 
 CHUNK = 32
 WINDOW_TOKENS = 256  # tokens' chunks per window: bounds memory and keeps the intermediates in cache
@@ -36,6 +36,15 @@ def with_zero_row(x):
     out[:-1] = x
     out[-1] = 0
     return out
+
+
+def normed_scaled(x, scale, use_l2norm):
+    """fp32 x * scale, l2-normalised first when asked (x * rsqrt(sum x^2 + 1e-6)), as one pass over x."""
+    x = x.float()
+    if not use_l2norm:
+        return x * scale
+    factor = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(1e-6).rsqrt_()
+    return x * factor.mul_(scale)
 
 
 def chunk_token_index(starts_N, lens_N, first_chunk, num_chunks, pad_row):
@@ -130,8 +139,8 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     HV, V = v.shape[2:]
     scale = K ** -0.5 if scale is None else scale
     # q, k stay at H key heads: each value head's products broadcast over them
-    q_T, k_T = expand_qk(q.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K), H, scale, use_qk_l2norm_in_kernel)
-    inputs = (q_T[0], k_T[0], v.reshape(B * T, HV, V).float(), with_zero_row(g.reshape(B * T, HV)),
+    q_T, k_T = [normed_scaled(x.reshape(B * T, H, K), s, use_qk_l2norm_in_kernel) for x, s in ((q, scale), (k, 1.0))]
+    inputs = (q_T, k_T, v.reshape(B * T, HV, V).float(), with_zero_row(g.reshape(B * T, HV)),
               with_zero_row(beta.reshape(B * T, HV)))
     spans = sequence_spans(B, T, cu_seqlens)
     starts_N = torch.tensor([b * T + s for b, s, _ in spans], dtype=torch.long)
