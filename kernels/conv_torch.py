@@ -1,27 +1,16 @@
 """Fast PyTorch path for the short causal conv: all sequences at once, W + 1 shifted multiply-adds.
 
-Each sequence gets its P history rows (its conv state, or zeros) placed in front of its tokens in
-one extended [rows, channels] buffer; the causal taps over that buffer then never mix sequences,
-because every output row only reaches W rows back, into its own history.
+The taps run over the packed rows as if they were one sequence, in the [rows, channels] layout
+(no transposes, no copies of x). Only each sequence's first W outputs reach back past its start,
+into another sequence; those N * W rows are recomputed from the sequence's own history (its conv
+state, or zeros) and written over.
 
 Shape legend: T packed tokens, C channels, W taps before the current one (weight [C, W + 1]),
-P state columns (P >= W), S slots, N sequences, X = T + N * P extended rows.
+P state columns (P >= W), S slots, N sequences, O window offsets.
 """
 import torch
 
 from kernels.conv_reference import activate
-
-
-def extended_layout(cu_seqlens, num_tokens, history, device):
-    """Row of every token in the extended buffer [T] and first history row of each sequence [N]."""
-    if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, num_tokens])
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    lens_N = cu[1:] - cu[:-1]
-    seq_T = torch.repeat_interleave(torch.arange(len(lens_N), device=device), lens_N)
-    token_rows_T = torch.arange(num_tokens, device=device) + (seq_T + 1) * history
-    hist_start_N = cu[:-1] + torch.arange(len(lens_N), device=device) * history
-    return token_rows_T, hist_start_N, lens_N
 
 
 def history_rows(x, conv_states, slots_N, has_initial_state, num_seqs, width):
@@ -34,16 +23,37 @@ def history_rows(x, conv_states, slots_N, has_initial_state, num_seqs, width):
     return hist_NPC
 
 
-def causal_taps(ext_XC, weight_CJ):
-    """sum_j weight[:, j] * ext[r - W + j] for every row r >= W of the buffer: [X - W, C].
+def window_rows(x_TC, hist_NPC, starts_N, offsets_NO):
+    """Each sequence's rows at offsets o from its first token: [N, O, C]; o < 0 reads its history
+    (hist[n, P + o]), o >= 0 its tokens."""
+    P = hist_NPC.shape[1]
+    x_TC = x_TC if x_TC.shape[0] else x_TC.new_zeros(1, x_TC.shape[1])     # T = 0: only history
+    token_NO = (starts_N[:, None] + offsets_NO).clamp(0, x_TC.shape[0] - 1)
+    hist_NO = (P + offsets_NO).clamp(0, P - 1)
+    seq_N1 = torch.arange(len(starts_N), device=x_TC.device)[:, None]
+    return torch.where((offsets_NO >= 0)[..., None], x_TC[token_NO], hist_NPC[seq_N1, hist_NO])
 
-    Shifted multiply-adds over row slices in the packed [rows, channels] layout: no transposes
-    and no copies of the buffer (a conv1d call needs [C, X] and gathers back)."""
-    X, W = ext_XC.shape[0], weight_CJ.shape[1] - 1
-    out_RC = ext_XC[W:] * weight_CJ[:, W]
-    for j in range(W):
-        out_RC.addcmul_(ext_XC[j:X - W + j], weight_CJ[:, j])
-    return out_RC
+
+def taps(x_TC, weight_CJ):
+    """sum_j weight[:, j] * x[t - W + j] for every row, as if the packed rows were one sequence
+    starting from zeros: W + 1 shifted multiply-adds over row slices, no copies of x."""
+    W = weight_CJ.shape[1] - 1
+    out_TC = x_TC * weight_CJ[:, W]
+    for back in range(1, min(W, x_TC.shape[0] - 1) + 1):
+        out_TC[back:].addcmul_(x_TC[:-back], weight_CJ[:, W - back])
+    return out_TC
+
+
+def first_rows(x_TC, hist_NPC, starts_N, weight_CJ):
+    """The outputs of each sequence's first W positions, which reach back into its history:
+    [N, W, C] (rows past a short sequence's end are computed but not used)."""
+    W = weight_CJ.shape[1] - 1
+    offsets_NO = torch.arange(-W, W, device=x_TC.device).expand(len(starts_N), -1)
+    win_NOC = window_rows(x_TC, hist_NPC, starts_N, offsets_NO)
+    out_NWC = win_NOC[:, :W] * weight_CJ[:, 0]
+    for j in range(1, W + 1):
+        out_NWC.addcmul_(win_NOC[:, j:j + W], weight_CJ[:, j])
+    return out_NWC
 
 
 def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=None, conv_states=None,
@@ -52,21 +62,24 @@ def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=N
     T, C = x.shape
     W = weight.shape[1] - 1
     P = conv_states.shape[-1] if conv_states is not None else W
-    token_rows_T, hist_start_N, lens_N = extended_layout(cu_seqlens, T, P, x.device)
+    cu = (torch.tensor([0, T]) if cu_seqlens is None else cu_seqlens).to(device=x.device, dtype=torch.long)
+    starts_N, lens_N = cu[:-1], cu[1:] - cu[:-1]
     N = len(lens_N)
     slots_N = torch.arange(N, device=x.device) if state_indices is None else state_indices.long()
-    hist_rows_NP = hist_start_N[:, None] + torch.arange(P, device=x.device)
-    ext_XC = torch.empty(T + N * P, C, dtype=weight.dtype, device=x.device)
-    ext_XC[token_rows_T] = x.to(weight.dtype)
-    hist_NPC = history_rows(x, conv_states, slots_N, has_initial_state, N, P)
-    ext_XC[hist_rows_NP.flatten()] = hist_NPC.reshape(N * P, C).to(weight.dtype)
-    out_RC = causal_taps(ext_XC, weight)
+    x_TC = x.to(weight.dtype)
+    hist_NPC = history_rows(x_TC, conv_states, slots_N, has_initial_state, N, P)
+    out_TC = taps(x_TC, weight)
+    i_W = torch.arange(W, device=x.device)
+    inside_NW = i_W < lens_N[:, None]                  # positions 0..W-1 that exist
+    rows_NW = starts_N[:, None] + i_W
+    out_TC[rows_NW[inside_NW]] = first_rows(x_TC, hist_NPC, starts_N, weight)[inside_NW]
     if bias is not None:
-        out_RC += bias
-    y = activate(out_RC[token_rows_T - W], activation).to(x.dtype)
-    if conv_states is not None:
-        last_rows_NP = hist_rows_NP + lens_N[:, None]
-        conv_states[slots_N] = ext_XC[last_rows_NP].transpose(1, 2).to(conv_states.dtype)
+        out_TC += bias
+    y = activate(out_TC, activation).to(x.dtype)
+    if conv_states is not None:                        # the last P raw inputs of each sequence
+        last_NO = lens_N[:, None] - P + torch.arange(P, device=x.device)
+        conv_states[slots_N] = window_rows(x_TC, hist_NPC, starts_N, last_NO).transpose(1, 2).to(
+            conv_states.dtype)
     return y
 
 

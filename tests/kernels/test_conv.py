@@ -46,3 +46,18 @@ def test_update_matches_reference(assert_rms_close):
     y_ref = naive_causal_conv1d_update(x, ref_pool, weight, bias, "silu", slots)
     assert_rms_close(y, y_ref, 1e-6, "y")
     assert torch.equal(pool, ref_pool)
+
+
+@pytest.mark.parametrize("lens,P", [([1, 1, 2], 3), ([2, 3, 1], 6), ([7], 4)])
+def test_short_sequences_and_wider_state_match_reference(lens, P, assert_rms_close):
+    # sequences shorter than the window read their first outputs (and keep their state) from history
+    C, W = 8, 3
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    x, weight, bias = torch.randn(sum(lens), C), torch.randn(C, W + 1), torch.randn(C)
+    pool = torch.randn(5, C, P)
+    slots, warm = torch.tensor([4, 1, 3][:len(lens)]), torch.tensor([True, False, True][:len(lens)])
+    ref_pool = pool.clone()
+    y = causal_conv1d_fn(x, weight, bias, "silu", cu, pool, slots, warm)
+    y_ref = naive_causal_conv1d_fn(x, weight, bias, "silu", cu, ref_pool, slots, warm)
+    assert_rms_close(y, y_ref, 1e-6, "y")
+    assert torch.equal(pool, ref_pool)
