@@ -38,13 +38,13 @@ def with_zero_row(x):
     return out
 
 
-def normed_scaled(x, scale, use_l2norm):
-    """fp32 x * scale, l2-normalised first when asked (x * rsqrt(sum x^2 + 1e-6)), as one pass over x."""
-    x = x.float()
+def qk_factor(x_THK, scale, use_l2norm):
+    """Per-row factor [T, H] fp32 that q or k is multiplied by: scale, times rsqrt(sum x^2 + 1e-6) when
+    l2-normalising; applied after the per-window gather, where the rows are in cache."""
     if not use_l2norm:
-        return x * scale
-    factor = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(1e-6).rsqrt_()
-    return x * factor.mul_(scale)
+        return torch.full(x_THK.shape[:2], scale, dtype=torch.float32, device=x_THK.device)
+    norm_TH = torch.linalg.vector_norm(x_THK, dim=-1, dtype=torch.float32)
+    return norm_TH.square_().add_(1e-6).rsqrt_().mul_(scale)
 
 
 def chunk_token_index(starts_N, lens_N, first_chunk, num_chunks, pad_row):
@@ -109,25 +109,42 @@ def state_pass(q_dec, w, k_dec, u, attn, gamma_C, S_BKV, o_GBCV):
     G, B, C, V = u.shape
     v_new_GBCV = u  # u - w S, in place
     chunk_decay_GB11 = gamma_C.exp()[..., None, None]
-    for c in range(G):
-        torch.bmm(q_dec[c], S_BKV, out=o_GBCV[c])
-        v_new_GBCV[c].baddbmm_(w[c], S_BKV, alpha=-1.0)
-        S_BKV.mul_(chunk_decay_GB11[c]).baddbmm_(k_dec[c].transpose(1, 2), v_new_GBCV[c])
+    steps = zip(q_dec.unbind(), w.unbind(), k_dec.transpose(-1, -2).unbind(), v_new_GBCV.unbind(),
+                chunk_decay_GB11.unbind(), o_GBCV.unbind())  # per-step views made in one call each
+    for q_dec_BCK, w_BCK, k_dec_BKC, v_new_BCV, decay_B11, o_BCV in steps:
+        torch.bmm(q_dec_BCK, S_BKV, out=o_BCV)
+        v_new_BCV.baddbmm_(w_BCK, S_BKV, alpha=-1.0)
+        S_BKV.mul_(decay_B11).baddbmm_(k_dec_BKC, v_new_BCV)
     # the intra-chunk part of the output needs no state: one batched product over all chunks
     o_GBCV.view(G * B, C, V).baddbmm_(attn.view(G * B, C, C), v_new_GBCV.view(G * B, C, V))
 
 
 def window_inputs(inputs, rows_GAC, pad_row, ws):
-    """Chunk layout of one window: q, k [G*A, H, C, K]; v [G*A, H, R, C, V]; g, beta [G*A, H, R, C] (fp32).
-    q, k, v of padded slots read the last real token (any finite row will do); g, beta read zeros."""
-    q_T, k_T, v_T, g_T, beta_T = inputs
+    """Chunk layout of one window: q, k [G*A, H, C, K] (times their factors); v [G*A, H, R, C, V];
+    g, beta [G*A, H, R, C]; all fp32. q, k, v of padded slots read the last real token (any finite row
+    will do); g, beta read zeros."""
+    q_T, k_T, q_factor_T, k_factor_T, v_T, g_T, beta_T = inputs
     G, A, C = rows_GAC.shape
     H, HV, V = q_T.shape[1], v_T.shape[1], v_T.shape[2]
     real_rows_GAC = rows_GAC.clamp(max=pad_row - 1)
-    q_c, k_c = [gather_heads(x, real_rows_GAC).view(G * A, H, C, -1) for x in (q_T, k_T)]
+    q_c, k_c = [gather_heads(x, real_rows_GAC).float().mul_(gather_heads(f, real_rows_GAC)[..., None])
+                for x, f in ((q_T, q_factor_T), (k_T, k_factor_T))]
     v_c = gather_heads(v_T, real_rows_GAC, out=scratch(ws, "v", (G * A * HV * C, V), v_T.device))
     g_c, b_c = [gather_heads(x, rows_GAC).view(G * A, H, -1, C) for x in (g_T, beta_T)]
-    return q_c, k_c, v_c.view(G * A, H, -1, C, V), g_c, b_c
+    return q_c.view(G * A, H, C, -1), k_c.view(G * A, H, C, -1), v_c.view(G * A, H, -1, C, V), g_c, b_c
+
+
+def scatter_output(o_flat, o_GBCV, rows_GAC, pad_row):
+    """Write one window's o [G, A*HV, C, V] to its token rows of o_flat [(T + 1) * HV, V] (row T: padded slots)."""
+    G, A, C = rows_GAC.shape
+    HV, V = o_GBCV.shape[1] // A, o_GBCV.shape[-1]
+    first, last = int(rows_GAC[0, 0, 0]), int(rows_GAC[-1, -1, -1])
+    if A == 1 and last < pad_row and last - first == G * C - 1:  # one unpadded run of rows: a strided copy
+        o_TCHV = o_flat.view(-1, HV, V)[first: last + 1].view(G, C, HV, V)
+        o_TCHV.copy_(o_GBCV.view(G, HV, C, V).transpose(1, 2))
+        return
+    index_GAHC = rows_GAC.to(o_flat.device)[:, :, None, :] * HV + torch.arange(HV, device=o_flat.device)[:, None]
+    o_flat.index_copy_(0, index_GAHC.flatten(), o_GBCV.view(-1, V))
 
 
 def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -139,8 +156,9 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     HV, V = v.shape[2:]
     scale = K ** -0.5 if scale is None else scale
     # q, k stay at H key heads: each value head's products broadcast over them
-    q_T, k_T = [normed_scaled(x.reshape(B * T, H, K), s, use_qk_l2norm_in_kernel) for x, s in ((q, scale), (k, 1.0))]
-    inputs = (q_T, k_T, v.reshape(B * T, HV, V).float(), with_zero_row(g.reshape(B * T, HV)),
+    q_T, k_T = q.reshape(B * T, H, K), k.reshape(B * T, H, K)
+    factors = [qk_factor(x, s, use_qk_l2norm_in_kernel) for x, s in ((q_T, scale), (k_T, 1.0))]
+    inputs = (q_T, k_T, *factors, v.reshape(B * T, HV, V).float(), with_zero_row(g.reshape(B * T, HV)),
               with_zero_row(beta.reshape(B * T, HV)))
     spans = sequence_spans(B, T, cu_seqlens)
     starts_N = torch.tensor([b * T + s for b, s, _ in spans], dtype=torch.long)
@@ -159,14 +177,13 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
                 state[held_A] = S_BKV.view(len(held_A), HV, K, V)
             S_BKV, held_A = state[active_A].view(A * HV, K, V), active_A
         width = max(1, WINDOW_TOKENS // (CHUNK * A))
-        rows_GAC = chunk_token_index(starts_N[active_A], lens_N[active_A], first, width, B * T).to(q.device)
+        rows_GAC = chunk_token_index(starts_N[active_A], lens_N[active_A], first, width, B * T)
         G = rows_GAC.shape[0]
-        parts = intra_chunk(*window_inputs(inputs, rows_GAC, B * T, ws), ws)
+        parts = intra_chunk(*window_inputs(inputs, rows_GAC.to(q.device), B * T, ws), ws)
         parts = [x.view(G, A * HV, *x.shape[3:]) for x in parts]  # [G*A, H, R, ·] -> [G, A*HV, ·] (views)
         o_GBCV = scratch(ws, "o", (G, A * HV, CHUNK, V), q.device)
         state_pass(*parts, S_BKV, o_GBCV)
-        index_GAHC = rows_GAC[:, :, None, :] * HV + torch.arange(HV, device=q.device)[:, None]
-        o_flat.index_copy_(0, index_GAHC.flatten(), o_GBCV.view(-1, V))
+        scatter_output(o_flat, o_GBCV, rows_GAC, B * T)
         first += width
     if held_A is not None:
         state[held_A] = S_BKV.view(len(held_A), HV, K, V)
