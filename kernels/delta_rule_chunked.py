@@ -63,12 +63,19 @@ def scratch(ws, name, shape, device):
     return buf
 
 
-def gather_heads(x_TH, rows_GAC, out=None):
-    """x [T', Hx, ...] -> [G, A, Hx, C, ...]: token rows_GAC of every head, head-major inside a chunk, one copy."""
-    Hx = x_TH.shape[1]
-    index_GAHC = rows_GAC[:, :, None, :] * Hx + torch.arange(Hx, device=rows_GAC.device)[:, None]
-    picked = torch.index_select(x_TH.reshape(x_TH.shape[0] * Hx, -1), 0, index_GAHC.flatten(), out=out)
-    return picked.view(*index_GAHC.shape, *x_TH.shape[2:])
+def head_index(rows_GAC, Hx):
+    """Flat row of every (token row, head) of an [T', Hx, ...] tensor, head-major inside a chunk: [G, A, Hx, C]."""
+    return rows_GAC[:, :, None, :] * Hx + torch.arange(Hx, device=rows_GAC.device)[:, None]
+
+
+def gather_heads(x_TH, index_GAHC, ws=None, name=None):
+    """x [T', Hx, ...] -> fp32 [G, A, Hx, C, ...] in one copy (into workspace buffer `name` when x is fp32)."""
+    x_flat = x_TH.reshape(x_TH.shape[0] * x_TH.shape[1], -1)
+    out = None
+    if name is not None and x_TH.dtype == torch.float32:
+        out = scratch(ws, name, (index_GAHC.numel(), x_flat.shape[1]), x_TH.device)
+    picked = torch.index_select(x_flat, 0, index_GAHC.flatten(), out=out)
+    return picked.view(*index_GAHC.shape, *x_TH.shape[2:]).float()
 
 
 def unit_lower_inverse(system_PCC):
@@ -123,15 +130,17 @@ def window_inputs(inputs, rows_GAC, pad_row, ws):
     """Chunk layout of one window: q, k [G*A, H, C, K] (times their factors); v [G*A, H, R, C, V];
     g, beta [G*A, H, R, C]; all fp32. q, k, v of padded slots read the last real token (any finite row
     will do); g, beta read zeros."""
-    q_T, k_T, q_factor_T, k_factor_T, v_T, g_T, beta_T = inputs
+    q_T, k_T, qk_factor_TH2, v_T, g_beta_TH2 = inputs
     G, A, C = rows_GAC.shape
     H, HV, V = q_T.shape[1], v_T.shape[1], v_T.shape[2]
     real_rows_GAC = rows_GAC.clamp(max=pad_row - 1)
-    q_c, k_c = [gather_heads(x, real_rows_GAC).float().mul_(gather_heads(f, real_rows_GAC)[..., None])
-                for x, f in ((q_T, q_factor_T), (k_T, k_factor_T))]
-    v_c = gather_heads(v_T, real_rows_GAC, out=scratch(ws, "v", (G * A * HV * C, V), v_T.device))
-    g_c, b_c = [gather_heads(x, rows_GAC).view(G * A, H, -1, C) for x in (g_T, beta_T)]
-    return q_c.view(G * A, H, C, -1), k_c.view(G * A, H, C, -1), v_c.view(G * A, H, -1, C, V), g_c, b_c
+    index_GAHC, index_GAVC = head_index(real_rows_GAC, H), head_index(real_rows_GAC, HV)
+    qk_factor = gather_heads(qk_factor_TH2, index_GAHC)  # [G, A, H, C, 2]
+    q_c = gather_heads(q_T, index_GAHC, ws, "q").mul_(qk_factor[..., :1]).view(G * A, H, C, -1)
+    k_c = gather_heads(k_T, index_GAHC, ws, "k").mul_(qk_factor[..., 1:]).view(G * A, H, C, -1)
+    v_c = gather_heads(v_T, index_GAVC, ws, "v").view(G * A, H, -1, C, V)
+    g_beta = gather_heads(g_beta_TH2, head_index(rows_GAC, HV)).view(G * A, H, -1, C, 2)
+    return q_c, k_c, v_c, g_beta[..., 0], g_beta[..., 1]
 
 
 def scatter_output(o_flat, o_GBCV, rows_GAC, pad_row):
@@ -157,9 +166,9 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     scale = K ** -0.5 if scale is None else scale
     # q, k stay at H key heads: each value head's products broadcast over them
     q_T, k_T = q.reshape(B * T, H, K), k.reshape(B * T, H, K)
-    factors = [qk_factor(x, s, use_qk_l2norm_in_kernel) for x, s in ((q_T, scale), (k_T, 1.0))]
-    inputs = (q_T, k_T, *factors, v.reshape(B * T, HV, V).float(), with_zero_row(g.reshape(B * T, HV)),
-              with_zero_row(beta.reshape(B * T, HV)))
+    qk_factor_TH2 = torch.stack([qk_factor(x, s, use_qk_l2norm_in_kernel) for x, s in ((q_T, scale), (k_T, 1.0))], -1)
+    g_beta_TH2 = with_zero_row(torch.stack([g.reshape(B * T, HV).float(), beta.reshape(B * T, HV).float()], -1))
+    inputs = (q_T, k_T, qk_factor_TH2, v.reshape(B * T, HV, V), g_beta_TH2)
     spans = sequence_spans(B, T, cu_seqlens)
     starts_N = torch.tensor([b * T + s for b, s, _ in spans], dtype=torch.long)
     lens_N = torch.tensor([e - s for _, s, e in spans], dtype=torch.long)
