@@ -78,12 +78,13 @@ def gather_heads(x_TH, index_GAHC, ws=None, name=None):
     return picked.view(*index_GAHC.shape, *x_TH.shape[2:]).float()
 
 
-def unit_lower_inverse(system_PCC):
-    """(I + strictly-lower(system))^-1 for a batch of C x C matrices (diagonal and above ignored), row-major.
-    Solved as the transposed upper system, since LAPACK hands results back column-major."""
+def unit_lower_inverse(system_PCC, out_PCC):
+    """(I + strictly-lower(system))^-1 for a batch of C x C matrices (diagonal and above ignored), into
+    row-major out. Solved as the transposed upper system, since LAPACK works on column-major matrices."""
     eye_CC = torch.eye(system_PCC.shape[-1], dtype=system_PCC.dtype, device=system_PCC.device)
-    return torch.linalg.solve_triangular(system_PCC.mT, eye_CC.expand_as(system_PCC), upper=True,
-                                         unitriangular=True).mT
+    torch.linalg.solve_triangular(system_PCC.mT, eye_CC.expand_as(system_PCC), upper=True, unitriangular=True,
+                                  out=out_PCC.mT)
+    return out_PCC
 
 
 def intra_chunk(q, k, v, g, beta, ws):
@@ -95,10 +96,10 @@ def intra_chunk(q, k, v, g, beta, ws):
     gamma = g.cumsum(-1)
     decay = torch.sub(gamma[..., :, None], gamma[..., None, :], out=scratch(ws, "decay", (P, H, R, C, C), dev))
     decay.exp_().tril_()  # above the diagonal -> 0
-    kk = (k @ k.transpose(-1, -2)).unsqueeze(2)  # once per key head, shared by its R value heads
+    kk = torch.matmul(k, k.transpose(-1, -2), out=scratch(ws, "kk", (P, H, C, C), dev)).unsqueeze(2)  # per key head
     system = torch.mul(kk, decay, out=scratch(ws, "system", (P, H, R, C, C), dev)).mul_(beta[..., :, None])
-    A = unit_lower_inverse(system.view(-1, C, C)).view(P, H, R, C, C)
-    attn = decay.mul_((q @ k.transpose(-1, -2)).unsqueeze(2))
+    A = unit_lower_inverse(system.view(-1, C, C), scratch(ws, "A", (P * H * R, C, C), dev)).view(P, H, R, C, C)
+    attn = decay.mul_(torch.matmul(q, k.transpose(-1, -2), out=kk.squeeze(2)).unsqueeze(2))
     e_gamma = gamma.exp()
     # w = A diag(beta e^gamma) k: the R value heads of a key head stack into one [R*C, C] @ [C, K] product
     A_w = torch.mul(A, (beta * e_gamma)[..., None, :], out=system)
