@@ -21,7 +21,11 @@ def linear_argmax_reference(h_NH: torch.Tensor, weight_VH: torch.Tensor) -> torc
 
 @torch.no_grad()
 def linear_argmax_blocked(h_NH: torch.Tensor, weight_VH: torch.Tensor, block: int = BLOCK_V) -> torch.Tensor:
-    """Same result as the reference, one [N, C] block of logits at a time."""
+    """Same result as the reference, one [N, C] block of logits at a time.
+
+    Each block takes a plain max (a value-only reduction is ~10x cheaper than max-with-index
+    on CPU); only rows whose best improves in this block, a few times per row over the whole
+    vocabulary, take the argmax of their block row."""
     N, V = h_NH.shape[0], weight_VH.shape[0]
     best_N = torch.full((N,), float("-inf"), dtype=h_NH.dtype, device=h_NH.device)
     best_id_N = torch.zeros(N, dtype=torch.long, device=h_NH.device)
@@ -29,10 +33,11 @@ def linear_argmax_blocked(h_NH: torch.Tensor, weight_VH: torch.Tensor, block: in
     for start in range(0, V, block):
         w_CH = weight_VH[start:start + block]
         block_NC = torch.mm(h_NH, w_CH.t(), out=logits_NC[:, :w_CH.shape[0]])
-        value_N, id_N = block_NC.max(-1)
-        better_N = value_N > best_N                 # strict: an equal later value loses the tie
-        best_N = torch.where(better_N, value_N, best_N)
-        best_id_N = torch.where(better_N, id_N + start, best_id_N)
+        value_N = block_NC.amax(-1)
+        rows_R = (value_N > best_N).nonzero().squeeze(1)    # strict: an equal later value loses
+        if len(rows_R):
+            best_N[rows_R] = value_N[rows_R]
+            best_id_N[rows_R] = block_NC[rows_R].argmax(-1) + start
     return best_id_N
 
 
