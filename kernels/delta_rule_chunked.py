@@ -38,13 +38,12 @@ def with_zero_row(x):
     return out
 
 
-def qk_factor(x_THK, scale, use_l2norm):
-    """Per-row factor [T, H] fp32 that q or k is multiplied by: scale, times rsqrt(sum x^2 + 1e-6) when
-    l2-normalising; applied after the per-window gather, where the rows are in cache."""
+def normalize_scale_(x, scale, use_l2norm):
+    """x <- x * scale, l2-normalised first when asked (x * rsqrt(sum x^2 + 1e-6)), in place over the last dim."""
     if not use_l2norm:
-        return torch.full(x_THK.shape[:2], scale, dtype=torch.float32, device=x_THK.device)
-    norm_TH = torch.linalg.vector_norm(x_THK, dim=-1, dtype=torch.float32)
-    return norm_TH.square_().add_(1e-6).rsqrt_().mul_(scale)
+        return x.mul_(scale)
+    factor = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(1e-6).rsqrt_()
+    return x.mul_(factor.mul_(scale) if scale != 1.0 else factor)
 
 
 def chunk_token_index(starts_N, lens_N, first_chunk, num_chunks, pad_row):
@@ -128,17 +127,16 @@ def state_pass(q_dec, w, k_dec, u, attn, gamma_C, S_BKV, o_GBCV):
 
 
 def window_inputs(inputs, rows_GAC, pad_row, ws):
-    """Chunk layout of one window: q, k [G*A, H, C, K] (times their factors); v [G*A, H, R, C, V];
-    g, beta [G*A, H, R, C]; all fp32. q, k, v of padded slots read the last real token (any finite row
-    will do); g, beta read zeros."""
-    q_T, k_T, qk_factor_TH2, v_T, g_beta_TH2 = inputs
+    """Chunk layout of one window: q, k [G*A, H, C, K] (scaled, l2-normalised when asked: done here, on
+    rows in cache); v [G*A, H, R, C, V]; g, beta [G*A, H, R, C]; all fp32. q, k, v of padded slots read
+    the last real token (any finite row will do); g, beta read zeros."""
+    q_T, k_T, v_T, g_beta_TH2, scale, use_l2norm = inputs
     G, A, C = rows_GAC.shape
     H, HV, V = q_T.shape[1], v_T.shape[1], v_T.shape[2]
     real_rows_GAC = rows_GAC.clamp(max=pad_row - 1)
     index_GAHC, index_GAVC = head_index(real_rows_GAC, H), head_index(real_rows_GAC, HV)
-    qk_factor = gather_heads(qk_factor_TH2, index_GAHC)  # [G, A, H, C, 2]
-    q_c = gather_heads(q_T, index_GAHC, ws, "q").mul_(qk_factor[..., :1]).view(G * A, H, C, -1)
-    k_c = gather_heads(k_T, index_GAHC, ws, "k").mul_(qk_factor[..., 1:]).view(G * A, H, C, -1)
+    q_c = normalize_scale_(gather_heads(q_T, index_GAHC, ws, "q"), scale, use_l2norm).view(G * A, H, C, -1)
+    k_c = normalize_scale_(gather_heads(k_T, index_GAHC, ws, "k"), 1.0, use_l2norm).view(G * A, H, C, -1)
     v_c = gather_heads(v_T, index_GAVC, ws, "v").view(G * A, H, -1, C, V)
     g_beta = gather_heads(g_beta_TH2, head_index(rows_GAC, HV)).view(G * A, H, -1, C, 2)
     return q_c, k_c, v_c, g_beta[..., 0], g_beta[..., 1]
@@ -167,9 +165,8 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     scale = K ** -0.5 if scale is None else scale
     # q, k stay at H key heads: each value head's products broadcast over them
     q_T, k_T = q.reshape(B * T, H, K), k.reshape(B * T, H, K)
-    qk_factor_TH2 = torch.stack([qk_factor(x, s, use_qk_l2norm_in_kernel) for x, s in ((q_T, scale), (k_T, 1.0))], -1)
     g_beta_TH2 = with_zero_row(torch.stack([g.reshape(B * T, HV).float(), beta.reshape(B * T, HV).float()], -1))
-    inputs = (q_T, k_T, qk_factor_TH2, v.reshape(B * T, HV, V), g_beta_TH2)
+    inputs = (q_T, k_T, v.reshape(B * T, HV, V), g_beta_TH2, scale, use_qk_l2norm_in_kernel)
     spans = sequence_spans(B, T, cu_seqlens)
     starts_N = torch.tensor([b * T + s for b, s, _ in spans], dtype=torch.long)
     lens_N = torch.tensor([e - s for _, s, e in spans], dtype=torch.long)
