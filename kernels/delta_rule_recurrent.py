@@ -37,16 +37,17 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     if initial_state is None:
         S_NHKV = torch.zeros(N, HV, K, V, dtype=torch.float32, device=q.device)
     elif ssm_state_indices is None:
-        S_NHKV = initial_state.float().clone()
+        S_NHKV = initial_state.float().clone(memory_format=torch.contiguous_format)
     else:
-        S_NHKV = initial_state[ssm_state_indices].float()
+        S_NHKV = initial_state[ssm_state_indices].float().contiguous()
     o_T = torch.zeros(B * T + 1, HV, V, dtype=torch.float32, device=q.device)
+    flat_S = S_NHKV.view(N * HV, K, V)          # S_NHKV is this call's own copy: updated in place
     for rows_N in rows_LN:
-        S_NHKV = S_NHKV * g_T[rows_N].exp()[..., None, None]
+        S_NHKV.mul_(g_T[rows_N].exp()[..., None, None])
         k_NHK = k_T[rows_N]
         read_NHV = (k_NHK.unsqueeze(-2) @ S_NHKV).squeeze(-2)
         u_NHV = b_T[rows_N][..., None] * (v_T[rows_N] - read_NHV)
-        S_NHKV = S_NHKV + k_NHK.unsqueeze(-1) * u_NHV.unsqueeze(-2)
+        flat_S.baddbmm_(k_NHK.reshape(N * HV, K, 1), u_NHV.reshape(N * HV, 1, V))
         o_T[rows_N] = (q_T[rows_N].unsqueeze(-2) @ S_NHKV).squeeze(-2)
     o = o_T[: B * T].reshape(B, T, HV, V).to(v.dtype)
     if ssm_state_indices is not None:
