@@ -25,6 +25,7 @@ Shape legend:
 import torch
 
 from kernels.delta_rule_reference import check_delta_rule_shapes, sequence_spans
+from kernels.huge_pages import empty_on_huge_pages
 
 CHUNK = 32
 WINDOW_TOKENS = 256  # tokens' chunks per window: bounds memory and keeps the intermediates in cache
@@ -58,7 +59,7 @@ def scratch(ws, name, shape, device):
     multi-MB tensors per window would be page-faulted in again each time the allocator trims them."""
     buf = ws.get(name)
     if buf is None or buf.shape != shape:
-        buf = ws[name] = torch.empty(shape, dtype=torch.float32, device=device)
+        buf = ws[name] = empty_on_huge_pages(shape, device=device)
     return buf
 
 
@@ -173,7 +174,7 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     N = len(spans)
     state = (torch.zeros(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is None
              else initial_state.float().clone())
-    o_flat = torch.empty((B * T + 1) * HV, V, dtype=torch.float32, device=q.device)  # row B*T: padded slots
+    o_flat = empty_on_huge_pages(((B * T + 1) * HV, V), device=q.device)  # row B*T: padded slots
     n_chunks_N = (lens_N + CHUNK - 1) // CHUNK
     first, S_BKV, held_A, ws = 0, None, None, {}
     while first < int(n_chunks_N.max()):
