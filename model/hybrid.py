@@ -156,6 +156,15 @@ class HybridForCausalLM(nn.Module):
         model.model.rotary = RotaryEmbedding(cfg).to(device)     # buffers are computed, not loaded
         return model
 
+    def store_lm_head_by_column(self) -> None:
+        """Keep an untied lm_head weight [V, H] in column-major storage (a transposed view of a
+        contiguous [H, V]): the CPU GEMMs of a decode step then read plain [H, V] blocks instead
+        of transposing row-major ones (benchmarks/engine.py (b)). Tied weights stay row-major:
+        the embedding lookup reads rows."""
+        w = self.lm_head.weight
+        if not self.config.tie_word_embeddings and w.stride(-1) == 1:
+            w.data = w.data.t().contiguous().t()
+
     def new_cache(self, num_blocks: int, block_size: int, num_slots: int) -> HybridCache:
         p = self.lm_head.weight
         return HybridCache(self.config, num_blocks, block_size, num_slots, p.dtype, p.device)

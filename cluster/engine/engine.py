@@ -63,6 +63,8 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.processor, self.image_filesystem = processor, image_filesystem
         self.video_processor = video_processor
+        if model.lm_head.weight.device.type == "cpu":
+            model.store_lm_head_by_column()
         cfg, weight = model.config, model.lm_head.weight
         self.vocab_size = cfg.vocab_size
         self.plan = self.plan_cache(cfg, weight.dtype, weight.device)
