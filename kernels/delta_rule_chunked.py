@@ -99,7 +99,8 @@ def intra_chunk(q, k, v, g, beta, ws):
     kk = torch.matmul(k, k.transpose(-1, -2), out=scratch(ws, "kk", (P, H, C, C), dev)).unsqueeze(2)  # per key head
     system = torch.mul(kk, decay, out=scratch(ws, "system", (P, H, R, C, C), dev)).mul_(beta[..., :, None])
     A = unit_lower_inverse(system.view(-1, C, C), scratch(ws, "A", (P * H * R, C, C), dev)).view(P, H, R, C, C)
-    attn = decay.mul_(torch.matmul(q, k.transpose(-1, -2), out=kk.squeeze(2)).unsqueeze(2))
+    qk = torch.matmul(q, k.transpose(-1, -2), out=kk.squeeze(2))  # K K^T is used up: its buffer takes Q K^T
+    attn = decay.mul_(qk.unsqueeze(2))
     e_gamma = gamma.exp()
     # w = A diag(beta e^gamma) k: the R value heads of a key head stack into one [R*C, C] @ [C, K] product
     A_w = torch.mul(A, (beta * e_gamma)[..., None, :], out=system)
