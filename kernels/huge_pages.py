@@ -14,17 +14,19 @@ import torch
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_madvise = getattr(ctypes.CDLL(None), "madvise", None) if sys.platform == "linux" else None
+if _madvise is not None:
+    _madvise.argtypes, _madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
 
 
 def empty_on_huge_pages(shape, dtype=torch.float32, device="cpu"):
     """torch.empty(shape), with its whole 2 MiB-aligned pages advised to be huge (CPU, Linux)."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if _libc is None or out.device.type != "cpu":
+    if _madvise is None or out.device.type != "cpu":
         return out
     begin = out.data_ptr()
     start = (begin + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
     end = (begin + out.numel() * out.element_size()) // HUGE_PAGE * HUGE_PAGE
     if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(MADV_HUGEPAGE))
+        _madvise(start, end - start, MADV_HUGEPAGE)  # a refusal (EINVAL, THP off) leaves plain pages
     return out
