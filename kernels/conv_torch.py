@@ -36,9 +36,10 @@ def window_rows(x_TC, hist_NPC, starts_N, offsets_NO):
 
 def taps(x_TC, weight_CJ):
     """sum_j weight[:, j] * x[t - W + j] for every row, as if the packed rows were one sequence
-    starting from zeros: W + 1 shifted multiply-adds over row slices, no copies of x."""
+    starting from zeros: W + 1 shifted multiply-adds over row slices (no shifted copies), summed
+    in fp32."""
     W = weight_CJ.shape[1] - 1
-    out_TC = x_TC * weight_CJ[:, W]
+    out_TC = x_TC.float() * weight_CJ[:, W].float()          # fp32 sums, one rounding at the end
     for back in range(1, min(W, x_TC.shape[0] - 1) + 1):
         out_TC[back:].addcmul_(x_TC[:-back], weight_CJ[:, W - back])
     return out_TC
@@ -50,7 +51,7 @@ def first_rows(x_TC, hist_NPC, starts_N, weight_CJ):
     W = weight_CJ.shape[1] - 1
     offsets_NO = torch.arange(-W, W, device=x_TC.device).expand(len(starts_N), -1)
     win_NOC = window_rows(x_TC, hist_NPC, starts_N, offsets_NO)
-    out_NWC = win_NOC[:, :W] * weight_CJ[:, 0]
+    out_NWC = win_NOC[:, :W].float() * weight_CJ[:, 0].float()
     for j in range(1, W + 1):
         out_NWC.addcmul_(win_NOC[:, j:j + W], weight_CJ[:, j])
     return out_NWC
@@ -66,7 +67,7 @@ def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=N
     starts_N, lens_N = cu[:-1], cu[1:] - cu[:-1]
     N = len(lens_N)
     slots_N = torch.arange(N, device=x.device) if state_indices is None else state_indices.long()
-    x_TC = x.to(weight.dtype)
+    x_TC = x.to(weight.dtype)            # inputs in weight dtype, as HF; taps accumulate in fp32
     hist_NPC = history_rows(x_TC, conv_states, slots_N, has_initial_state, N, P)
     out_TC = taps(x_TC, weight)
     i_W = torch.arange(W, device=x.device)
@@ -75,7 +76,7 @@ def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=N
     out_TC[rows_NW[inside_NW]] = first_rows(x_TC, hist_NPC, starts_N, weight)[inside_NW]
     if bias is not None:
         out_TC += bias
-    y = activate(out_TC, activation).to(x.dtype)
+    y = activate(out_TC.to(weight.dtype), activation).to(x.dtype)
     if conv_states is not None:                        # the last P raw inputs of each sequence
         last_NO = lens_N[:, None] - P + torch.arange(P, device=x.device)
         conv_states[slots_N] = window_rows(x_TC, hist_NPC, starts_N, last_NO).transpose(1, 2).to(

@@ -61,3 +61,14 @@ def test_short_sequences_and_wider_state_match_reference(lens, P, assert_rms_clo
     y_ref = naive_causal_conv1d_fn(x, weight, bias, "silu", cu, ref_pool, slots, warm)
     assert_rms_close(y, y_ref, 1e-6, "y")
     assert torch.equal(pool, ref_pool)
+
+
+def test_bfloat16_sums_are_no_rougher_than_a_bfloat16_conv1d():
+    # the taps must accumulate in fp32 and round once, as conv1d does; bf16 running sums drift
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(4096, 64, generator=g), torch.randn(64, 4, generator=g)
+    exact = naive_causal_conv1d_fn(x, weight, activation=None)
+    ours = causal_conv1d_fn(x.bfloat16(), weight.bfloat16(), activation=None).float()
+    conv1d = naive_causal_conv1d_fn(x.bfloat16(), weight.bfloat16(), activation=None).float()
+    err = lambda y: float((y - exact).pow(2).mean().sqrt())  # noqa: E731
+    assert err(ours) <= 1.05 * err(conv1d)
