@@ -165,10 +165,12 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, o
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     scale = K ** -0.5 if scale is None else scale
-    # q, k stay at H key heads: each value head's products broadcast over them
-    q_T, k_T = q.reshape(B * T, H, K), k.reshape(B * T, H, K)
+    # q, k stay at H key heads: each value head's products broadcast over them. Contiguous once
+    # here: the model passes strided slices of its conv output, which every window's flat gather
+    # would otherwise copy whole.
+    q_T, k_T = q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, K).contiguous()
     g_beta_TH2 = with_zero_row(torch.stack([g.reshape(B * T, HV).float(), beta.reshape(B * T, HV).float()], -1))
-    inputs = (q_T, k_T, v.reshape(B * T, HV, V), g_beta_TH2, scale, use_qk_l2norm_in_kernel)
+    inputs = (q_T, k_T, v.reshape(B * T, HV, V).contiguous(), g_beta_TH2, scale, use_qk_l2norm_in_kernel)
     spans = sequence_spans(B, T, cu_seqlens)
     starts_N = torch.tensor([b * T + s for b, s, _ in spans], dtype=torch.long)
     lens_N = torch.tensor([e - s for _, s, e in spans], dtype=torch.long)
