@@ -19,6 +19,7 @@ from model.norm import RMSNorm
 from model.rotary import RotaryEmbedding
 
 QUERY_CHUNK = 1024   # long prompts attend in query chunks, so no T x T score matrix is built
+DECODE_GROUP = 16    # decoding sequences per padded attention call
 
 
 class GatedAttention(nn.Module):
@@ -94,13 +95,27 @@ def causal_attention(q_QND, k_SKD, v_SKD) -> torch.Tensor:
 
 
 def decode_attention(q_NND, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
-    """One query per sequence over its whole context; sequences padded to the longest."""
-    N, P = q_NND.shape[0], k_cache.shape[1]
-    S = max(batch.context_lens_host, default=0)     # default: an empty expert-parallel step
-    tables_NB = batch.block_tables[:, : (S + P - 1) // P]
+    """One query per sequence over its whole context. Sequences go in groups of similar context
+    length (sorted), each group padded only to its own longest: padding every sequence to the
+    step's longest context gathered and scored up to ~2x the keys in a mixed-length batch."""
+    lens = batch.context_lens_host
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    out_NND = torch.empty_like(q_NND)
+    for g in range(0, len(order), DECODE_GROUP):
+        members = order[g:g + DECODE_GROUP]
+        idx = torch.tensor(members, device=q_NND.device)
+        out_NND[idx] = padded_decode_attention(q_NND[idx], k_cache, v_cache, batch.block_tables[idx],
+                                               batch.context_lens[idx], lens[members[-1]])
+    return out_NND
+
+
+def padded_decode_attention(q_NND, k_cache, v_cache, tables_NB, context_lens_N, S: int) -> torch.Tensor:
+    """Sequences padded to S context positions, the padding masked out."""
+    P = k_cache.shape[1]
+    tables_NB = tables_NB[:, : (S + P - 1) // P]
     k = k_cache[tables_NB].flatten(1, 2)[:, :S].transpose(1, 2)              # [N, KVH, S, D]
     v = v_cache[tables_NB].flatten(1, 2)[:, :S].transpose(1, 2)
-    valid_NS = torch.arange(S, device=q_NND.device)[None, :] < batch.context_lens[:, None]
+    valid_NS = torch.arange(S, device=q_NND.device)[None, :] < context_lens_N[:, None]
     q = q_NND[:, :, None, :]                                                # [N, NH, 1, D]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid_NS[:, None, None, :],
                                        enable_gqa=True)
