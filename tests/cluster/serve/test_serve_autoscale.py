@@ -6,7 +6,6 @@ cluster. Every wait polls serve.status() against a deadline, so the test fails r
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from cluster.serve_config import Autoscaling, ServeConfig
+from tests.ports import free_port
 
 ENGINE = {"max_model_len": 128, "max_num_seqs": 8, "kv_cache_memory": 16 << 20}
 SCALING = Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1,
@@ -21,12 +21,6 @@ SCALING = Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1,
                       look_back_period_s=2)
 CLIENTS = 4             # ongoing requests kept up: 4 / target 1 asks for more than max (2)
 DEADLINE_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def running_replicas(serve, app: str) -> int:

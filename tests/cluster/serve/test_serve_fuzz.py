@@ -7,7 +7,6 @@ kept short (max_model_len) so that every generated max_tokens / n stays cheap on
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -18,16 +17,11 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  (after
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from cluster.serve_config import EngineSettings, ServeConfig  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 ENGINE = EngineSettings(max_model_len=96, max_num_seqs=16, kv_cache_memory=16 << 20)
 CONFIG = ServeConfig(served_model_name="tiny", api_key_env=None, engine=ENGINE,
                      max_ongoing_requests=4, max_queued_requests=64, max_request_bytes=64 << 10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

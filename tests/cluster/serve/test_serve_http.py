@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import re
-import socket
 import time
 
 import httpx
@@ -19,17 +18,12 @@ from PIL import Image
 
 from cluster.engine import LLM, SamplingParams
 from cluster.serve_config import ServeConfig
+from tests.ports import free_port
 
 KEY = "test-key-123"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 ENGINE = {"max_model_len": 128, "max_num_seqs": 32, "kv_cache_memory": 32 << 20}
 MAX_BYTES = 64 << 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

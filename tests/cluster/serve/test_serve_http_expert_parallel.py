@@ -8,7 +8,6 @@ rank processes loading torch on 2 cores would make this file several times slowe
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 
 from cluster.engine import LLM, SamplingParams
 from cluster.serve_config import ServeConfig
+from tests.ports import free_port
 
 import ray  # noqa: E402  (a declared dependency)
 
@@ -23,12 +23,6 @@ ENGINE = {"max_model_len": 128, "max_num_seqs": 8, "kv_cache_memory": 16 << 20}
 MESSAGES = [[{"role": "user", "content": "Hello there"}],
             [{"role": "system", "content": "Be brief."},
              {"role": "user", "content": "Name three colours of the rainbow, please."}]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
