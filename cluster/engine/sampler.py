@@ -68,6 +68,11 @@ def needs_processing(seq: Sequence) -> bool:
             or seq.num_output_tokens < p.min_tokens)
 
 
+def plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing changing the raw logits: the token is their argmax."""
+    return seq.params.greedy and not needs_processing(seq)
+
+
 def draw(logits_V: torch.Tensor, generator: torch.Generator) -> int:
     """Inverse-CDF draw with one uniform number (a tensor of exponentials over V is ~20x slower
     on CPU); the first index whose cumulative mass exceeds u never has zero probability."""
@@ -96,13 +101,13 @@ class Sampler:
 
         Plain greedy rows that report no logprobs take the blocked argmax of the lm_head (their
         logits are never materialised); every other row gets its full logits."""
-        fast = [s.params.greedy and not needs_processing(s) and s.params.logprobs is None
-                for s in seqs]
+        fast = [plain_greedy(s) and s.params.logprobs is None for s in seqs]
         fast_rows = [i for i, f in enumerate(fast) if f]
         slow_rows = [i for i, f in enumerate(fast) if not f]
-        tokens = dict(zip(fast_rows, linear_argmax(hidden_NH[fast_rows], lm_head.weight).tolist()
-                          if fast_rows else []))
-        out = [(tokens[i], None, None) if f else None for i, f in enumerate(fast)]
+        out = [None] * len(seqs)
+        if fast_rows:
+            for i, token in zip(fast_rows, linear_argmax(hidden_NH[fast_rows], lm_head.weight).tolist()):
+                out[i] = (token, None, None)
         if slow_rows:
             logits_MV = lm_head(hidden_NH[slow_rows])
             for i, sampled in zip(slow_rows, self.sample_full(logits_MV, [seqs[i] for i in slow_rows])):
@@ -112,7 +117,7 @@ class Sampler:
     def sample_full(self, logits_NV: torch.Tensor, seqs: list[Sequence]):
         """As `sample`, from full logits rows; logprobs only for the rows whose request asked for
         them (a log-softmax over the vocabulary per row is not free)."""
-        plain = [s.params.greedy and not needs_processing(s) for s in seqs]
+        plain = [plain_greedy(s) for s in seqs]
         argmax_N = logits_NV.argmax(-1).tolist() if any(plain) else []
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs = dict(zip(wanted, torch.log_softmax(logits_NV[wanted].float(), -1)))
