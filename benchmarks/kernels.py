@@ -196,10 +196,11 @@ def main():
         bench_delta_rule_cpu([256, 1024] if args.quick else [1024, 4096, 16384])
     if args.only in (None, "moe"):
         bench_moe_cpu(N=256 if args.quick else 2048)
-    if args.only in (None, "gpu") and torch.cuda.is_available():
-        bench_delta_rule_gpu([4096] if args.quick else [4096, 16384, 65536])
-    else:
-        print("\n(no CUDA device: GPU sections skipped)")
+    if args.only in (None, "gpu"):
+        if torch.cuda.is_available():
+            bench_delta_rule_gpu([4096] if args.quick else [4096, 16384, 65536])
+        else:
+            print("\n(no CUDA device: GPU sections skipped)")
 
 
 if __name__ == "__main__":
