@@ -5,8 +5,9 @@ RMS-normalised per head before partial RoPE; GQA; the attention output is multip
 sigmoid(gate) before o_proj. New K/V are written into their cache blocks first, then each query
 attends to its sequence's whole context read back from the blocks.
 
-Legend: T packed new tokens, N sequences, H hidden, NH query heads, KVH kv heads, D head dim,
-B cache blocks, P block size, S context length of one sequence, Q query chunk.
+Legend: T packed new tokens, N sequences, H hidden, NH query heads, KVH kv heads, G = NH/KVH
+query heads per kv head, D head dim, B cache blocks, P block size, W blocks in a block table row,
+S context length of one sequence, Q query chunk.
 """
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ from model.batch import ForwardBatch
 from model.norm import RMSNorm
 from model.rotary import RotaryEmbedding
 
-QUERY_CHUNK = 1024   # long prompts attend in query chunks, so no T x T score matrix is built
-DECODE_GROUP = 16    # decoding sequences per padded attention call
+QUERY_CHUNK = 1024          # long prompts attend in query chunks, so no T x T score matrix is built
+DECODE_GROUP = 16           # at most this many decoding sequences per padded attention call
+DECODE_GROUP_TOKENS = 2048  # CPU: padded context positions per group (n x S), so the group's
+                            # gathered K/V (1 KiB a position at KVH 2, D 64, fp32) is still in
+                            # cache when the two matmuls read it: ~2x faster than 16-sequence
+                            # groups at batch 32-64 (benchmarks/attention.py)
 
 
 class GatedAttention(nn.Module):
@@ -52,11 +57,18 @@ class GatedAttention(nn.Module):
         return self.o_proj(o_TX)
 
 
+def gather_blocks(cache_BPKD: torch.Tensor, tables_NW: torch.Tensor) -> torch.Tensor:
+    """The cache blocks that the rows of `tables_NW` name, [N, W*P, KVH, D]. index_select, not
+    `cache_BPKD[tables_NW]`: on CPU advanced indexing copies element by element, ~3x slower."""
+    N, W = tables_NW.shape
+    blocks = cache_BPKD.index_select(0, tables_NW.reshape(-1))              # [N*W, P, KVH, D]
+    return blocks.view(N, W * cache_BPKD.shape[1], *cache_BPKD.shape[2:])
+
+
 def gather_context(cache_BPKD: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
     """One sequence's first `length` cached positions, [S, KVH, D]."""
     P = cache_BPKD.shape[1]
-    blocks = table[: (length + P - 1) // P]
-    return cache_BPKD[blocks].flatten(0, 1)[:length]
+    return gather_blocks(cache_BPKD, table[None, : (length + P - 1) // P])[0, :length]
 
 
 def prefill_attention(q_TND, k_TKD, v_TKD, k_cache, v_cache, batch: ForwardBatch):
@@ -100,23 +112,62 @@ def decode_attention(q_NND, k_cache, v_cache, batch: ForwardBatch) -> torch.Tens
     step's longest context gathered and scored up to ~2x the keys in a mixed-length batch."""
     lens = batch.context_lens_host
     order = sorted(range(len(lens)), key=lens.__getitem__)
-    out_NND = torch.empty_like(q_NND)
-    for g in range(0, len(order), DECODE_GROUP):
-        members = order[g:g + DECODE_GROUP]
-        idx = torch.tensor(members, device=q_NND.device)
-        out_NND[idx] = padded_decode_attention(q_NND[idx], k_cache, v_cache, batch.block_tables[idx],
-                                               batch.context_lens[idx], lens[members[-1]])
-    return out_NND
+    sorted_lens = [lens[i] for i in order]
+    order_N = torch.tensor(order, device=q_NND.device)
+    q_NND_sorted = q_NND.index_select(0, order_N)
+    tables_NW = batch.block_tables.index_select(0, order_N)
+    context_lens_N = batch.context_lens.index_select(0, order_N)
+    on_cpu = q_NND.device.type == "cpu"
+    attend = bmm_decode_attention if on_cpu else padded_decode_attention
+    outs = [attend(q_NND_sorted[a:b], k_cache, v_cache, tables_NW[a:b], context_lens_N[a:b],
+                   sorted_lens[b - 1])
+            for a, b in decode_groups(sorted_lens, DECODE_GROUP_TOKENS if on_cpu else None)]
+    return torch.empty_like(q_NND).index_copy_(0, order_N, torch.cat(outs))
 
 
-def padded_decode_attention(q_NND, k_cache, v_cache, tables_NB, context_lens_N, S: int) -> torch.Tensor:
-    """Sequences padded to S context positions, the padding masked out."""
+def decode_groups(sorted_lens: list[int], max_tokens: int | None) -> list[tuple[int, int]]:
+    """[a, b) ranges over sequences sorted by context length: at most DECODE_GROUP sequences,
+    and (when `max_tokens` is set) at most max_tokens padded positions unless one sequence alone
+    has more."""
+    groups, start = [], 0
+    for end in range(1, len(sorted_lens) + 1):
+        full = end - start == DECODE_GROUP or end == len(sorted_lens)
+        if not full and max_tokens is not None:
+            full = (end + 1 - start) * sorted_lens[end] > max_tokens
+        if full:
+            groups.append((start, end))
+            start = end
+    return groups
+
+
+def padded_decode_attention(q_NND, k_cache, v_cache, tables_NW, context_lens_N, S: int) -> torch.Tensor:
+    """Sequences padded to S context positions, the padding masked out; SDPA picks the device's
+    fused kernel (the path off CPU)."""
     P = k_cache.shape[1]
-    tables_NB = tables_NB[:, : (S + P - 1) // P]
-    k = k_cache[tables_NB].flatten(1, 2)[:, :S].transpose(1, 2)              # [N, KVH, S, D]
-    v = v_cache[tables_NB].flatten(1, 2)[:, :S].transpose(1, 2)
+    tables_NW = tables_NW[:, : (S + P - 1) // P]
+    k = gather_blocks(k_cache, tables_NW)[:, :S].transpose(1, 2)            # [N, KVH, S, D]
+    v = gather_blocks(v_cache, tables_NW)[:, :S].transpose(1, 2)
     valid_NS = torch.arange(S, device=q_NND.device)[None, :] < context_lens_N[:, None]
     q = q_NND[:, :, None, :]                                                # [N, NH, 1, D]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid_NS[:, None, None, :],
                                        enable_gqa=True)
     return o[:, :, 0, :]
+
+
+def bmm_decode_attention(q_NND, k_cache, v_cache, tables_NW, context_lens_N, S: int) -> torch.Tensor:
+    """padded_decode_attention as two plain batched matmuls, the CPU path. Each query head scores
+    the keys of every kv head (KVH x the flops) so both matmuls read the gathered blocks as they
+    lie, [N, S*KVH, D], with no per-head copy; the G = NH/KVH heads' own kv head is the diagonal.
+    fp32 arithmetic whatever the cache dtype (bf16 scores would round the softmax)."""
+    N, NH, D = q_NND.shape
+    P, KVH = k_cache.shape[1], k_cache.shape[2]
+    G, W = NH // KVH, (S + P - 1) // P
+    k = gather_blocks(k_cache, tables_NW[:, :W]).float().view(N, W * P * KVH, D)
+    v = gather_blocks(v_cache, tables_NW[:, :W]).float().view(N, W * P, KVH * D)
+    s = torch.bmm(q_NND.float(), k.transpose(1, 2)).mul_(D ** -0.5)        # [N, NH, W*P*KVH]
+    s_NKGS = s.view(N, KVH, G, W * P, KVH).diagonal(dim1=1, dim2=4).permute(0, 3, 1, 2)
+    pad_NS = torch.arange(W * P, device=q_NND.device)[None, :] >= context_lens_N[:, None]
+    p = torch.softmax(s_NKGS.masked_fill(pad_NS[:, None, None, :], float("-inf")), dim=-1)
+    o = torch.bmm(p.reshape(N, NH, W * P), v)                               # [N, NH, KVH*D]
+    o_NGDK = o.view(N, KVH, G, KVH, D).diagonal(dim1=1, dim2=3)
+    return o_NGDK.permute(0, 3, 1, 2).reshape(N, NH, D).to(q_NND.dtype)
