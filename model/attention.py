@@ -7,7 +7,7 @@ attends to its sequence's whole context read back from the blocks.
 
 Legend: T packed new tokens, N sequences, H hidden, NH query heads, KVH kv heads, G = NH/KVH
 query heads per kv head, D head dim, B cache blocks, P block size, W blocks in a block table row,
-S context length of one sequence, Q query chunk.
+S context length of one sequence, X = S*KVH score columns of every kv head, Q query chunk.
 """
 from __future__ import annotations
 
@@ -114,14 +114,19 @@ def decode_attention(q_NND, k_cache, v_cache, batch: ForwardBatch) -> torch.Tens
     order = sorted(range(len(lens)), key=lens.__getitem__)
     sorted_lens = [lens[i] for i in order]
     order_N = torch.tensor(order, device=q_NND.device)
-    q_NND_sorted = q_NND.index_select(0, order_N)
+    q_NND = q_NND.index_select(0, order_N)
     tables_NW = batch.block_tables.index_select(0, order_N)
     context_lens_N = batch.context_lens.index_select(0, order_N)
-    on_cpu = q_NND.device.type == "cpu"
-    attend = bmm_decode_attention if on_cpu else padded_decode_attention
-    outs = [attend(q_NND_sorted[a:b], k_cache, v_cache, tables_NW[a:b], context_lens_N[a:b],
-                   sorted_lens[b - 1])
-            for a, b in decode_groups(sorted_lens, DECODE_GROUP_TOKENS if on_cpu else None)]
+    if q_NND.device.type == "cpu":
+        P, KVH = k_cache.shape[1], k_cache.shape[2]
+        bias_NX = padding_bias(context_lens_N, tables_NW.shape[1] * P, KVH)
+        outs = [bmm_decode_attention(q_NND[a:b], k_cache, v_cache, tables_NW[a:b], bias_NX[a:b],
+                                     sorted_lens[b - 1])
+                for a, b in decode_groups(sorted_lens, DECODE_GROUP_TOKENS)]
+    else:
+        outs = [padded_decode_attention(q_NND[a:b], k_cache, v_cache, tables_NW[a:b],
+                                        context_lens_N[a:b], sorted_lens[b - 1])
+                for a, b in decode_groups(sorted_lens, None)]
     return torch.empty_like(q_NND).index_copy_(0, order_N, torch.cat(outs))
 
 
@@ -154,20 +159,29 @@ def padded_decode_attention(q_NND, k_cache, v_cache, tables_NW, context_lens_N, 
     return o[:, :, 0, :]
 
 
-def bmm_decode_attention(q_NND, k_cache, v_cache, tables_NW, context_lens_N, S: int) -> torch.Tensor:
+def padding_bias(context_lens_N: torch.Tensor, S: int, KVH: int) -> torch.Tensor:
+    """[N, X] float32: 0 where column x's position x // KVH is in the sequence's context, -inf
+    after; laid out like the scores of bmm_decode_attention, built once a step, sliced per group."""
+    pad_NS = torch.arange(S, device=context_lens_N.device)[None, :] >= context_lens_N[:, None]
+    bias_NS = torch.zeros(pad_NS.shape, device=pad_NS.device).masked_fill_(pad_NS, float("-inf"))
+    return bias_NS.repeat_interleave(KVH, dim=1)
+
+
+def bmm_decode_attention(q_NND, k_cache, v_cache, tables_NW, bias_NX, S: int) -> torch.Tensor:
     """padded_decode_attention as two plain batched matmuls, the CPU path. Each query head scores
     the keys of every kv head (KVH x the flops) so both matmuls read the gathered blocks as they
     lie, [N, S*KVH, D], with no per-head copy; the G = NH/KVH heads' own kv head is the diagonal.
-    fp32 arithmetic whatever the cache dtype (bf16 scores would round the softmax)."""
+    One baddbmm scales and masks (bias_NX from padding_bias). fp32 arithmetic whatever the cache
+    dtype (bf16 scores would round the softmax)."""
     N, NH, D = q_NND.shape
     P, KVH = k_cache.shape[1], k_cache.shape[2]
     G, W = NH // KVH, (S + P - 1) // P
     k = gather_blocks(k_cache, tables_NW[:, :W]).float().view(N, W * P * KVH, D)
     v = gather_blocks(v_cache, tables_NW[:, :W]).float().view(N, W * P, KVH * D)
-    s = torch.bmm(q_NND.float(), k.transpose(1, 2)).mul_(D ** -0.5)        # [N, NH, W*P*KVH]
+    bias_N1X = bias_NX[:, None, : W * P * KVH].expand(N, NH, W * P * KVH)
+    s = torch.baddbmm(bias_N1X, q_NND.float(), k.transpose(1, 2), alpha=D ** -0.5)  # [N, NH, X]
     s_NKGS = s.view(N, KVH, G, W * P, KVH).diagonal(dim1=1, dim2=4).permute(0, 3, 1, 2)
-    pad_NS = torch.arange(W * P, device=q_NND.device)[None, :] >= context_lens_N[:, None]
-    p = torch.softmax(s_NKGS.masked_fill(pad_NS[:, None, None, :], float("-inf")), dim=-1)
+    p = torch.softmax(s_NKGS, dim=-1)
     o = torch.bmm(p.reshape(N, NH, W * P), v)                               # [N, NH, KVH*D]
     o_NGDK = o.view(N, KVH, G, KVH, D).diagonal(dim1=1, dim2=3)
     return o_NGDK.permute(0, 3, 1, 2).reshape(N, NH, D).to(q_NND.dtype)

@@ -14,7 +14,7 @@ import torch
 
 import model.attention as attention
 from model.attention import (bmm_decode_attention, decode_attention, decode_groups,
-                             padded_decode_attention, prefill_attention)
+                             padded_decode_attention, padding_bias, prefill_attention)
 from model.batch import ForwardBatch
 
 P, D, B = 16, 32, 160
@@ -73,12 +73,16 @@ def test_decode_attention(monkeypatch, dtype, nh, kvh, group_tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("attend", [bmm_decode_attention, padded_decode_attention])
-def test_padded_decode_attention_one_group(dtype, attend):
+@pytest.mark.parametrize("path", ["bmm", "sdpa"])
+def test_padded_decode_attention_one_group(dtype, path):
     """Both per-group paths (CPU bmm, SDPA off CPU), all sequences padded to the longest."""
     q_NND, k_cache, v_cache, batch, want_NND = decode_case(DECODE_LENS, 4, 2, dtype)
-    got_NND = attend(q_NND, k_cache, v_cache, batch.block_tables, batch.context_lens,
-                     max(DECODE_LENS))
+    tables_NW, S = batch.block_tables, max(DECODE_LENS)
+    if path == "bmm":
+        bias_NX = padding_bias(batch.context_lens, tables_NW.shape[1] * P, 2)
+        got_NND = bmm_decode_attention(q_NND, k_cache, v_cache, tables_NW, bias_NX, S)
+    else:
+        got_NND = padded_decode_attention(q_NND, k_cache, v_cache, tables_NW, batch.context_lens, S)
     torch.testing.assert_close(got_NND.double(), want_NND, atol=TOL[dtype], rtol=0)
 
 
