@@ -20,6 +20,7 @@ from cluster.engine.sampler import Sampler, top_logprobs
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
+from kernels.linear_argmax import ScreenedArgmax
 from model.batch import HybridCache
 from model.image import ImageError
 from model.mrope import MultimodalPrompt, prepare_multimodal
@@ -63,8 +64,11 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.processor, self.image_filesystem = processor, image_filesystem
         self.video_processor = video_processor
+        greedy_head = None
         if model.lm_head.weight.device.type == "cpu":
             model.store_lm_head_by_column()
+            if model.lm_head.weight.dtype == torch.float32:
+                greedy_head = ScreenedArgmax(model.lm_head.weight)
         cfg, weight = model.config, model.lm_head.weight
         self.vocab_size = cfg.vocab_size
         self.plan = self.plan_cache(cfg, weight.dtype, weight.device)
@@ -74,7 +78,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
         kv = model.new_cache(self.plan.num_blocks, config.block_size, self.plan.num_slots)
         self.runner = ModelRunner(model, kv, config.block_size, weight.device)
-        self.sampler = Sampler(eos_token_ids)
+        self.sampler = Sampler(eos_token_ids, greedy_head)
         self.eos_token_ids = list(eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(config.seed)

@@ -92,8 +92,13 @@ def top_logprobs(logprobs_V: torch.Tensor, token_id: int, k: int) -> dict[int, f
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int]):
+    """greedy_head: h [N, H] -> greedy ids [N] for plain greedy rows (e.g. a
+    `kernels.linear_argmax.ScreenedArgmax` of the lm_head); None: `linear_argmax` of the
+    lm_head weight."""
+
+    def __init__(self, eos_token_ids: list[int], greedy_head=None):
         self.eos_token_ids = list(eos_token_ids)
+        self.greedy_head = greedy_head
 
     def sample(self, hidden_NH: torch.Tensor, lm_head: torch.nn.Linear, seqs: list[Sequence]):
         """One (token_id, logprob or None, top_logprobs or None) per sequence, from the final
@@ -106,7 +111,10 @@ class Sampler:
         slow_rows = [i for i, f in enumerate(fast) if not f]
         out = [None] * len(seqs)
         if fast_rows:
-            for i, token in zip(fast_rows, linear_argmax(hidden_NH[fast_rows], lm_head.weight).tolist()):
+            h_FH = hidden_NH[fast_rows]
+            ids_F = (self.greedy_head(h_FH) if self.greedy_head is not None
+                     else linear_argmax(h_FH, lm_head.weight))
+            for i, token in zip(fast_rows, ids_F.tolist()):
                 out[i] = (token, None, None)
         if slow_rows:
             logits_MV = lm_head(hidden_NH[slow_rows])
