@@ -53,11 +53,12 @@ class ScreenedArgmax:
     units, so its [N, V] logits cost a fraction of the fp32 GEMM. They are not the answer: each is
     off from the true logit by at most E_n, a rigorous bound from the rounding of h and W to bf16
     (2u + u^2 of sum |h_i w_i|), the fp32 accumulation over H terms, and the rounding of the
-    result to bf16 (u of |logit|), with sum |h_i w_i| <= |h_n| * max_v |w_v| (Cauchy-Schwarz) and
-    a factor 2 to spare. The true winner therefore has a screened logit within 2 E_n of the row's
-    screened maximum; those few candidates (found through per-block maxima, so the full [N, V]
-    is only read by one amax) get their fp32 logits recomputed, and the best one wins, ties to
-    the lowest index as torch.argmax. Rows with non-finite values take the blocked fp32 path.
+    result to bf16 (u of |logit|), with sum |h_i w_i| <= |h_n| * max_v |w_v| (Cauchy-Schwarz).
+    The true winner therefore has a screened logit within 2 E_n of the row's screened maximum;
+    those few candidates (found through per-block maxima, so the full [N, V] is only read by one
+    amax) get their fp32 logits recomputed, and the best one wins, ties to the lowest index as
+    torch.argmax. Rows with non-finite values, or whose screen is all negative, take the blocked
+    fp32 path.
 
     Legend: N rows, H hidden, V vocabulary, Vp V padded to whole blocks, C block, B blocks,
     P candidate blocks, Q candidate tokens.

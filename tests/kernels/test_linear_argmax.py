@@ -32,7 +32,7 @@ def test_ties_go_to_the_lowest_index_across_blocks():
     assert torch.equal(linear_argmax_blocked(h_NH, w_VH, block=256), want)
 
 
-@pytest.mark.parametrize("N", [1, 2, 7, 64])
+@pytest.mark.parametrize("N", [1, 2, 7, 64, 130])
 @pytest.mark.parametrize("V", [1, 511, 512, 513, 10001])
 @pytest.mark.parametrize("column_major", [False, True])
 def test_screened_matches_full_logits(N, V, column_major):
