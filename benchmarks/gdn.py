@@ -1,0 +1,228 @@
+"""Gated DeltaNet on CPU, each path vs the implementation it replaced (copied below between the
+`baseline` lines), same inputs, same run: the decode delta rule (one token per sequence against a
+slot pool), the decode conv update, and the prefill causal conv.
+
+Shapes of the `demo` preset: 4 key heads, 8 value heads, K = V = 32, conv channels 512, conv
+kernel 4, fp32. Decode figures are one engine step's worth: the call made once for each of the 6
+GDN layers, each layer with its own pools (256 slots; the batch's slots drawn at random, not
+contiguous), so the slots come from memory as in the engine. Prefill conv: 8192 packed tokens in
+four sequences, one of them a single token, warm states. The two paths take turns, each figure
+the best of `--rounds`, since the machine is shared and noisy.
+
+Run: python -m benchmarks.gdn [--threads 1] [--rounds 7]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kernels.conv_reference import activate
+from kernels.conv_torch import (causal_conv1d_fn_torch, causal_conv1d_update_torch, first_rows,
+                                history_rows, window_rows)
+from kernels.delta_rule_recurrent import recurrent_gated_delta_rule
+from kernels.delta_rule_reference import check_delta_rule_shapes, expand_qk, sequence_spans
+
+HK, HV, K, V, C, W = 4, 8, 32, 32, 512, 3
+LAYERS, SLOTS = 6, 256
+BATCHES = (1, 8, 32, 64)
+PREFILL_LENS = (3000, 1, 1095, 4096)
+
+
+# ---- baseline: the CPU paths as they were before this benchmark (commit 32acdbb) ----
+def baseline_with_zero_row(x):
+    out = torch.empty(x.shape[0] + 1, *x.shape[1:], dtype=torch.float32, device=x.device)
+    out[:-1] = x
+    out[-1] = 0
+    return out
+
+
+def baseline_step_rows(spans, seq_len):
+    starts_N = torch.tensor([b * seq_len + s for b, s, _ in spans], dtype=torch.long)
+    lens_N = torch.tensor([e - s for _, s, e in spans], dtype=torch.long)
+    steps_L = torch.arange(int(lens_N.max()) if len(spans) else 0)[:, None]
+    pad = len(spans) and spans[-1][0] * seq_len + seq_len
+    return torch.where(steps_L < lens_N, starts_N + steps_L, pad)
+
+
+def baseline_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                                        output_final_state=False, cu_seqlens=None,
+                                        ssm_state_indices=None, use_qk_l2norm_in_kernel=False):
+    check_delta_rule_shapes(q, k, v, g, beta)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    scale = K ** -0.5 if scale is None else scale
+    q4, k4 = expand_qk(q, k, HV, scale, use_qk_l2norm_in_kernel)
+    q_T, k_T, v_T, g_T, b_T = [baseline_with_zero_row(x.reshape(B * T, *x.shape[2:]).float())
+                               for x in (q4, k4, v, g, beta)]
+    spans = sequence_spans(B, T, cu_seqlens)
+    rows_LN = baseline_step_rows(spans, T).to(q.device)
+    N = len(spans)
+    if initial_state is None:
+        S_NHKV = torch.zeros(N, HV, K, V, dtype=torch.float32, device=q.device)
+    elif ssm_state_indices is None:
+        S_NHKV = initial_state.float().clone(memory_format=torch.contiguous_format)
+    else:
+        S_NHKV = initial_state[ssm_state_indices].float().contiguous()
+    o_T = torch.zeros(B * T + 1, HV, V, dtype=torch.float32, device=q.device)
+    flat_S = S_NHKV.view(N * HV, K, V)
+    for rows_N in rows_LN:
+        S_NHKV.mul_(g_T[rows_N].exp()[..., None, None])
+        k_NHK = k_T[rows_N]
+        read_NHV = (k_NHK.unsqueeze(-2) @ S_NHKV).squeeze(-2)
+        u_NHV = b_T[rows_N][..., None] * (v_T[rows_N] - read_NHV)
+        flat_S.baddbmm_(k_NHK.reshape(N * HV, K, 1), u_NHV.reshape(N * HV, 1, V))
+        o_T[rows_N] = (q_T[rows_N].unsqueeze(-2) @ S_NHKV).squeeze(-2)
+    o = o_T[: B * T].reshape(B, T, HV, V).to(v.dtype)
+    if ssm_state_indices is not None:
+        initial_state[ssm_state_indices] = S_NHKV.to(initial_state.dtype)
+        return o, (initial_state if output_final_state else None)
+    return o, (S_NHKV if output_final_state else None)
+
+
+def baseline_causal_conv1d_update_torch(x, conv_states, weight, bias=None, activation="silu",
+                                        state_indices=None):
+    N, C = x.shape
+    W = weight.shape[1] - 1
+    slots_N = torch.arange(N, device=x.device) if state_indices is None else state_indices.long()
+    ext_NCX = torch.cat([conv_states[slots_N].to(weight.dtype), x[:, :, None].to(weight.dtype)], dim=2)
+    out_NC = (ext_NCX[:, :, -(W + 1):].float() * weight.float()).sum(-1)
+    if bias is not None:
+        out_NC = out_NC + bias.float()
+    conv_states[slots_N] = ext_NCX[:, :, 1:].to(conv_states.dtype)
+    return activate(out_NC, activation).to(x.dtype)
+
+
+def baseline_taps(x_TC, weight_CJ):
+    W = weight_CJ.shape[1] - 1
+    out_TC = x_TC.float() * weight_CJ[:, W].float()
+    for back in range(1, min(W, x_TC.shape[0] - 1) + 1):
+        out_TC[back:].addcmul_(x_TC[:-back], weight_CJ[:, W - back])
+    return out_TC
+
+
+def baseline_causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=None,
+                                    conv_states=None, state_indices=None, has_initial_state=None):
+    T, C = x.shape
+    W = weight.shape[1] - 1
+    P = conv_states.shape[-1] if conv_states is not None else W
+    cu = (torch.tensor([0, T]) if cu_seqlens is None else cu_seqlens).to(device=x.device, dtype=torch.long)
+    starts_N, lens_N = cu[:-1], cu[1:] - cu[:-1]
+    N = len(lens_N)
+    slots_N = torch.arange(N, device=x.device) if state_indices is None else state_indices.long()
+    x_TC = x.to(weight.dtype)
+    hist_NPC = history_rows(x_TC, conv_states, slots_N, has_initial_state, N, P)
+    out_TC = baseline_taps(x_TC, weight)
+    i_W = torch.arange(W, device=x.device)
+    inside_NW = i_W < lens_N[:, None]
+    rows_NW = starts_N[:, None] + i_W
+    out_TC[rows_NW[inside_NW]] = first_rows(x_TC, hist_NPC, starts_N, weight)[inside_NW]
+    if bias is not None:
+        out_TC += bias
+    y = activate(out_TC.to(weight.dtype), activation).to(x.dtype)
+    if conv_states is not None:
+        last_NO = lens_N[:, None] - P + torch.arange(P, device=x.device)
+        conv_states[slots_N] = window_rows(x_TC, hist_NPC, starts_N, last_NO).transpose(1, 2).to(
+            conv_states.dtype)
+    return y
+# ---- end of baseline ----
+
+
+def delta_inputs(N: int, gen: torch.Generator):
+    """One decode step's delta rule arguments for each layer: q, k [N, 1, HK, K] and v [N, 1, HV, V]
+    as views of one conv output row (as the model passes them), g, beta, a pool and its slots."""
+    layers = []
+    for _ in range(LAYERS):
+        qkv_NC = torch.randn(N, C, generator=gen)
+        q, k, v = qkv_NC.split([HK * K, HK * K, HV * V], -1)
+        g = -torch.rand(N, 1, HV, generator=gen) * 0.3
+        beta = torch.rand(N, 1, HV, generator=gen)
+        pool = torch.randn(SLOTS, HV, K, V, generator=gen)
+        slots = torch.randperm(SLOTS, generator=gen)[:N]
+        layers.append((q.reshape(N, 1, HK, K), k.reshape(N, 1, HK, K), v.reshape(N, 1, HV, V), g, beta,
+                       pool, slots))
+    return layers
+
+
+def conv_update_inputs(N: int, gen: torch.Generator):
+    return [(torch.randn(N, C, generator=gen), torch.randn(SLOTS, C, W, generator=gen),
+             torch.randn(C, W + 1, generator=gen), torch.randperm(SLOTS, generator=gen)[:N])
+            for _ in range(LAYERS)]
+
+
+def delta_step(fn):
+    """The delta rule of every layer in one decode step; outputs concatenated (for the diff)."""
+    def run(layers):
+        return torch.cat([fn(q, k, v, g, beta, initial_state=pool, ssm_state_indices=slots,
+                             use_qk_l2norm_in_kernel=True)[0].flatten()
+                          for q, k, v, g, beta, pool, slots in layers])
+    return run
+
+
+def conv_update_step(fn):
+    def run(layers):
+        return torch.cat([fn(x, pool, w, state_indices=slots).flatten() for x, pool, w, slots in layers])
+    return run
+
+
+def timed_ms(fn, arg) -> float:
+    start = time.perf_counter()
+    fn(arg)
+    return (time.perf_counter() - start) * 1e3
+
+
+def race(label, baseline, new, make_arg, rounds: int):
+    """Print one row: the two paths in alternating rounds (each on its own copy of the inputs, the
+    pools being updated in place), each one's best, and max |diff| of the first call's outputs."""
+    old_arg, new_arg = make_arg(), make_arg()
+    diff = (new(new_arg) - baseline(old_arg)).abs().max()
+    old_ms = new_ms = float("inf")
+    for _ in range(rounds):
+        old_ms = min(old_ms, timed_ms(baseline, old_arg))
+        new_ms = min(new_ms, timed_ms(new, new_arg))
+    print(f"{label:>6} {old_ms:>12.3f} {new_ms:>8.3f} {old_ms / new_ms:>7.2f}x {float(diff):>10.1e}")
+
+
+def prefill_arg():
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0] + torch.tensor(PREFILL_LENS).cumsum(0).tolist())
+    x = torch.randn(int(cu[-1]), C, generator=gen)
+    pool = torch.randn(SLOTS, C, W, generator=gen)
+    return x, torch.randn(C, W + 1, generator=gen), cu, pool, torch.tensor([7, 100, 3, 42])
+
+
+def prefill_call(fn):
+    def run(arg):
+        x, w, cu, pool, slots = arg
+        return fn(x, w, None, "silu", cu, pool, slots, torch.ones(len(slots), dtype=torch.bool))
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    header = f"{'batch':>6} {'baseline ms':>12} {'new ms':>8} {'speedup':>8} {'max|diff|':>10}"
+    print(f"HK={HK} HV={HV} K={K} V={V} C={C} W+1={W + 1} fp32, {args.threads} thread(s), "
+          f"best of {args.rounds} alternating rounds")
+    with torch.inference_mode():
+        print(f"\ndecode delta rule, one step = {LAYERS} layers\n{header}")
+        for N in BATCHES:
+            race(N, delta_step(baseline_recurrent_gated_delta_rule), delta_step(recurrent_gated_delta_rule),
+                 lambda: delta_inputs(N, torch.Generator().manual_seed(N)), args.rounds)
+        print(f"\ndecode conv update, one step = {LAYERS} layers\n{header}")
+        for N in BATCHES:
+            race(N, conv_update_step(baseline_causal_conv1d_update_torch),
+                 conv_update_step(causal_conv1d_update_torch),
+                 lambda: conv_update_inputs(N, torch.Generator().manual_seed(N)), args.rounds)
+        print(f"\nprefill causal conv, one call, T = {sum(PREFILL_LENS)} in {len(PREFILL_LENS)} sequences\n"
+              f"{header.replace('batch', 'tokens')}")
+        race(sum(PREFILL_LENS), prefill_call(baseline_causal_conv1d_fn_torch),
+             prefill_call(causal_conv1d_fn_torch), prefill_arg, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
