@@ -84,14 +84,32 @@ def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=N
     return y
 
 
+def shifted_state(hist_NCP, x_NC):
+    """Each channel's window moved one column left with x appended: [N, C, P]. In the flat
+    [N, C * P] view that is one contiguous shifted copy (a channel's first column lands at the end
+    of the channel before, where x then overwrites it)."""
+    N, C, P = hist_NCP.shape
+    new_NCP = torch.empty_like(hist_NCP)
+    new_NCP.view(N, C * P)[:, :-1] = hist_NCP.view(N, C * P)[:, 1:]
+    new_NCP[:, :, -1] = x_NC
+    return new_NCP
+
+
 def causal_conv1d_update_torch(x, conv_states, weight, bias=None, activation="silu", state_indices=None):
-    """Same contract as `kernels.causal_conv1d_update`: x [N, C], conv_states [S, C, P] -> y [N, C]."""
+    """Same contract as `kernels.causal_conv1d_update`: x [N, C], conv_states [S, C, P] -> y [N, C].
+    The slots are gathered once and written back once (index_select, index_copy_); the taps are
+    summed in fp32 in `taps`' order (current token first, then one fused multiply-add per tap
+    back), so a decode step gives the same bits as the prefill path would for that window."""
     N, C = x.shape
-    W = weight.shape[1] - 1
+    P, W = conv_states.shape[-1], weight.shape[1] - 1
     slots_N = torch.arange(N, device=x.device) if state_indices is None else state_indices.long()
-    ext_NCX = torch.cat([conv_states[slots_N].to(weight.dtype), x[:, :, None].to(weight.dtype)], dim=2)
-    out_NC = (ext_NCX[:, :, -(W + 1):].float() * weight.float()).sum(-1)
+    hist_NCP = conv_states.index_select(0, slots_N).to(weight.dtype)
+    x_NC = x.to(weight.dtype)
+    w_J, hist_P = weight.unbind(1), hist_NCP.unbind(2)     # columns, sliced in one op each
+    out_NC = x_NC.float() * w_J[W].float()
+    for back in range(1, W + 1):
+        out_NC.addcmul_(hist_P[P - back], w_J[W - back])
     if bias is not None:
-        out_NC = out_NC + bias.float()
-    conv_states[slots_N] = ext_NCX[:, :, 1:].to(conv_states.dtype)
+        out_NC += bias.float()
+    conv_states.index_copy_(0, slots_N, shifted_state(hist_NCP, x_NC).to(conv_states.dtype))
     return activate(out_NC, activation).to(x.dtype)

@@ -72,3 +72,36 @@ def test_bfloat16_sums_are_no_rougher_than_a_bfloat16_conv1d():
     conv1d = naive_causal_conv1d_fn(x.bfloat16(), weight.bfloat16(), activation=None).float()
     err = lambda y: float((y - exact).pow(2).mean().sqrt())  # noqa: E731
     assert err(ours) <= 1.05 * err(conv1d)
+
+
+@pytest.mark.parametrize("P", [3, 5])
+def test_update_continues_a_prefill_bit_for_bit(P):
+    # decode sums the taps in the prefill path's order: a token decoded after a prefill gives the
+    # same bits as prefilling it with the rest, and the state ends the same
+    C, W, lens = 16, 3, [6, 3, 9]              # decoded tokens past the first W (history-read) rows
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    x, weight, bias = torch.randn(sum(lens) + 3, C), torch.randn(C, W + 1), torch.randn(C)
+    slots, warm = torch.tensor([4, 0, 2]), torch.tensor([True, False, True])
+    pool = torch.randn(5, C, P)
+    whole_pool = pool.clone()
+    prefix = torch.cat([x[cu[i] + i:cu[i + 1] + i] for i in range(3)])      # all but each last token
+    last = torch.stack([x[cu[i + 1] + i] for i in range(3)])
+    causal_conv1d_fn(prefix, weight, bias, "silu", cu, pool, slots, warm)
+    y_last = causal_conv1d_update(last, pool, weight, bias, "silu", slots)
+    cu_whole = cu + torch.arange(4)
+    y_whole = causal_conv1d_fn(x[:cu_whole[-1]], weight, bias, "silu", cu_whole, whole_pool, slots, warm)
+    assert torch.equal(y_last, y_whole[cu_whole[1:] - 1])
+    assert torch.equal(pool, whole_pool)
+
+
+def test_update_bfloat16_matches_reference():
+    C, W = 16, 3
+    x, weight = torch.randn(4, C, dtype=torch.bfloat16), torch.randn(C, W + 1, dtype=torch.bfloat16)
+    pool = torch.randn(6, C, W, dtype=torch.bfloat16)
+    slots = torch.tensor([5, 1, 0, 3])
+    ref_pool = pool.clone()
+    y = causal_conv1d_update(x, pool, weight, None, "silu", slots)
+    y_ref = naive_causal_conv1d_update(x, ref_pool, weight, None, "silu", slots)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=1e-2, rtol=1e-2)
+    assert torch.equal(pool, ref_pool)
