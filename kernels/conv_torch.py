@@ -8,9 +8,19 @@ state, or zeros) and written over.
 Shape legend: T packed tokens, C channels, W taps before the current one (weight [C, W + 1]),
 P state columns (P >= W), S slots, N sequences, O window offsets.
 """
+import bisect
+
 import torch
+import torch.nn.functional as F
 
 from kernels.conv_reference import activate
+
+TILE_ROWS = 256      # [256, C] fp32 tiles: a few of them stay in L2 for C up to a few thousand
+
+
+def activate_(y, activation):
+    """`activate` in place."""
+    return F.silu(y, inplace=True) if activation == "silu" else y
 
 
 def history_rows(x, conv_states, slots_N, has_initial_state, num_seqs, width):
@@ -34,15 +44,17 @@ def window_rows(x_TC, hist_NPC, starts_N, offsets_NO):
     return torch.where((offsets_NO >= 0)[..., None], x_TC[token_NO], hist_NPC[seq_N1, hist_NO])
 
 
-def taps(x_TC, weight_CJ):
-    """sum_j weight[:, j] * x[t - W + j] for every row, as if the packed rows were one sequence
-    starting from zeros: W + 1 shifted multiply-adds over row slices (no shifted copies), summed
-    in fp32."""
-    W = weight_CJ.shape[1] - 1
-    out_TC = x_TC.float() * weight_CJ[:, W].float()          # fp32 sums, one rounding at the end
-    for back in range(1, min(W, x_TC.shape[0] - 1) + 1):
-        out_TC[back:].addcmul_(x_TC[:-back], weight_CJ[:, W - back])
-    return out_TC
+def taps_(out_RC, x_TC, w_JC, start):
+    """out <- sum_j weight[:, j] * x[t - W + j] for rows t = start .. start + R - 1, as if the packed
+    rows were one sequence starting from zeros: W + 1 shifted multiply-adds over row slices (no
+    shifted copies), summed in fp32 from the current token back."""
+    W, end = len(w_JC) - 1, start + out_RC.shape[0]
+    torch.mul(x_TC[start:end], w_JC[W].float(), out=out_RC)     # fp32 sums, one rounding at the end
+    for back in range(1, W + 1):
+        skip = max(back - start, 0)                          # rows with nothing `back` rows before
+        if end > start + skip:
+            out_RC[skip:].addcmul_(x_TC[start + skip - back:end - back], w_JC[W - back])
+    return out_RC
 
 
 def first_rows(x_TC, hist_NPC, starts_N, weight_CJ):
@@ -57,6 +69,31 @@ def first_rows(x_TC, hist_NPC, starts_N, weight_CJ):
     return out_NWC
 
 
+def tiled_conv(x_TC, weight_CJ, bias, activation, rows_M, firsts_MC, out_dtype):
+    """y [T, C] = act(taps + bias), the rows rows_M (ascending) taken from firsts_MC instead of the
+    taps; TILE_ROWS rows at a time, so each tile's taps, bias and activation pass over data still
+    in cache rather than over [T, C] buffers from memory."""
+    T, C = x_TC.shape
+    y_TC = torch.empty(T, C, dtype=out_dtype, device=x_TC.device)
+    in_place = out_dtype == torch.float32 and weight_CJ.dtype == torch.float32
+    buf_RC = None if in_place else torch.empty(min(T, TILE_ROWS), C, dtype=torch.float32, device=x_TC.device)
+    rows = rows_M.tolist()
+    w_JC = weight_CJ.t().contiguous()             # contiguous tap rows: a strided [C] operand is not vectorised
+    for start in range(0, T, TILE_ROWS):
+        end = min(start + TILE_ROWS, T)
+        out_RC = taps_(y_TC[start:end] if in_place else buf_RC[:end - start], x_TC, w_JC, start)
+        first, last = bisect.bisect_left(rows, start), bisect.bisect_left(rows, end)
+        if last > first:
+            out_RC[rows_M[first:last] - start] = firsts_MC[first:last]
+        if bias is not None:
+            out_RC += bias
+        if in_place:
+            activate_(out_RC, activation)
+        else:
+            y_TC[start:end] = activate(out_RC.to(weight_CJ.dtype), activation)
+    return y_TC
+
+
 def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=None, conv_states=None,
                            state_indices=None, has_initial_state=None):
     """Same contract as `kernels.causal_conv1d_fn`: x [T, C], weight [C, W + 1] -> y [T, C]."""
@@ -69,14 +106,11 @@ def causal_conv1d_fn_torch(x, weight, bias=None, activation="silu", cu_seqlens=N
     slots_N = torch.arange(N, device=x.device) if state_indices is None else state_indices.long()
     x_TC = x.to(weight.dtype)            # inputs in weight dtype, as HF; taps accumulate in fp32
     hist_NPC = history_rows(x_TC, conv_states, slots_N, has_initial_state, N, P)
-    out_TC = taps(x_TC, weight)
     i_W = torch.arange(W, device=x.device)
     inside_NW = i_W < lens_N[:, None]                  # positions 0..W-1 that exist
-    rows_NW = starts_N[:, None] + i_W
-    out_TC[rows_NW[inside_NW]] = first_rows(x_TC, hist_NPC, starts_N, weight)[inside_NW]
-    if bias is not None:
-        out_TC += bias
-    y = activate(out_TC.to(weight.dtype), activation).to(x.dtype)
+    rows_M = (starts_N[:, None] + i_W)[inside_NW]      # M = their count, in row order
+    firsts_MC = first_rows(x_TC, hist_NPC, starts_N, weight)[inside_NW]
+    y = tiled_conv(x_TC, weight, bias, activation, rows_M, firsts_MC, x.dtype)
     if conv_states is not None:                        # the last P raw inputs of each sequence
         last_NO = lens_N[:, None] - P + torch.arange(P, device=x.device)
         conv_states[slots_N] = window_rows(x_TC, hist_NPC, starts_N, last_NO).transpose(1, 2).to(
