@@ -105,3 +105,24 @@ def test_update_bfloat16_matches_reference():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_ref, atol=1e-2, rtol=1e-2)
     assert torch.equal(pool, ref_pool)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype,tol", [(torch.float32, torch.float32, 1e-6),
+                                                  (torch.bfloat16, torch.bfloat16, 1e-2),
+                                                  (torch.float32, torch.bfloat16, 1e-2)])
+def test_prefill_across_row_tiles_matches_reference(x_dtype, w_dtype, tol, assert_rms_close):
+    # sequences start just before, on and just after the 256-row tile edges, one is a single token
+    from kernels.conv_torch import TILE_ROWS
+    lens = [TILE_ROWS - 1, 1, 2, TILE_ROWS - 3, 5, 300]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    C, W = 8, 3
+    x = torch.randn(sum(lens), C, dtype=x_dtype)
+    weight, bias = torch.randn(C, W + 1, dtype=w_dtype), torch.randn(C, dtype=w_dtype)
+    pool = torch.randn(8, C, W, dtype=w_dtype)
+    slots, warm = torch.tensor([7, 0, 5, 2, 1, 4]), torch.tensor([True, True, False, True, False, True])
+    ref_pool = pool.clone()
+    y = causal_conv1d_fn(x, weight, bias, "silu", cu, pool, slots, warm)
+    y_ref = naive_causal_conv1d_fn(x, weight, bias, "silu", cu, ref_pool, slots, warm)
+    assert y.dtype == x_dtype
+    assert_rms_close(y, y_ref, tol, "y")
+    assert torch.equal(pool, ref_pool)
