@@ -5,7 +5,12 @@ Routed experts are held fused: gate_up_proj [E, 2I, H] (gate rows first) and dow
 An expert-parallel rank holds a contiguous slice of the experts; `expert_offset` is the global
 id of its first one, and tokens routed elsewhere contribute nothing here.
 
-Legend: T tokens, H hidden, E experts held, I expert width, k experts per token.
+On CPU the weights are re-laid-out in place at the first forward (names, shapes and values stay
+what the checkpoint loader and state_dict see; only strides and storage change, no extra memory):
+the routed experts' in transposed storage, and the shared expert's gate_proj, up_proj and
+shared_expert_gate as row views of one [2S + 1, H] tensor, so one GEMM computes all three.
+
+Legend: T tokens, H hidden, E experts held, I expert width, k experts per token, S shared expert width.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import fused_moe, moe_route
+
+SHARED_ROWS = 1024  # tokens per shared-expert step on CPU: its [rows, 2S + 1] fp32 projection ~2 MiB
 
 
 class MLP(nn.Module):
@@ -34,7 +41,18 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.expert_offset = expert_offset
 
+    def store_by_column(self) -> None:
+        """Keep gate_up_proj [E, 2I, H] and down_proj [E, H, I] as transposed views of contiguous
+        [E, H, 2I] and [E, I, H]: the CPU GEMMs read each expert's weight as a plain row-major
+        right operand, 5-15% faster in torch's grouped_mm (benchmarks/moe_block.py)."""
+        for w in (self.gate_up_proj, self.down_proj):
+            if not w.transpose(1, 2).is_contiguous():
+                with torch.inference_mode(False):        # a plain tensor, even if called in inference
+                    w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
+
     def forward(self, x_TH, weights_Tk, ids_Tk) -> torch.Tensor:
+        if not x_TH.is_cuda:
+            self.store_by_column()
         return fused_moe(x_TH, self.gate_up_proj, self.down_proj, weights_Tk, ids_Tk,
                          expert_offset=self.expert_offset)
 
@@ -50,8 +68,59 @@ class SparseMoE(nn.Module):
         self.shared_expert = MLP(hidden, shared_intermediate)
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
+        self.shared_packed: torch.Tensor | None = None   # see `pack_shared_expert`
+
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         weights_Tk, ids_Tk = moe_route(self.gate(x_TH), self.top_k, self.renormalize)
         routed_TH = self.experts(x_TH, weights_Tk, ids_Tk)
-        shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
-        return routed_TH + shared_TH
+        if x_TH.is_cuda:
+            shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
+            return routed_TH + shared_TH
+        return self.add_shared_expert_(routed_TH, x_TH)
+
+    def add_shared_expert_(self, y_TH: torch.Tensor, x_TH: torch.Tensor) -> torch.Tensor:
+        """y += sigmoid(gate x) * shared_expert(x), in place, SHARED_ROWS tokens at a time (their
+        [rows, 2S + 1] projections stay in cache): one GEMM for the shared expert's gate, up and
+        gate logit, the sigmoid gate scaling the [rows, S] hidden (like the routing weights), and
+        the down projection accumulating into y."""
+        proj_H2S1, down_SH = self.pack_shared_expert(), self.shared_expert.down_proj.weight.T
+        S = down_SH.shape[0]
+        with torch.no_grad():
+            for start in range(0, len(x_TH), SHARED_ROWS):
+                proj_R2S1 = x_TH[start:start + SHARED_ROWS] @ proj_H2S1
+                hidden_RS = F.silu(proj_R2S1[:, :S], inplace=True).mul_(proj_R2S1[:, S:2 * S])
+                hidden_RS.mul_(torch.sigmoid_(proj_R2S1[:, 2 * S:]))
+                y_TH[start:start + SHARED_ROWS].addmm_(hidden_RS, down_SH)
+        return y_TH
+
+    def pack_shared_expert(self) -> torch.Tensor:
+        """[H, 2S + 1]: the columns of shared_expert.gate_proj, shared_expert.up_proj and
+        shared_expert_gate (weights [out, H]), which are kept as transposed views of it, and
+        shared_expert.down_proj [H, S] kept as a transposed view of a contiguous [S, H]: the CPU
+        GEMMs then read plain row-major right operands. Packed again whenever a parameter no
+        longer is such a view (replaced storage, moved or cast model)."""
+        parts = (self.shared_expert.gate_proj.weight, self.shared_expert.up_proj.weight,
+                 self.shared_expert_gate.weight)
+        down = self.shared_expert.down_proj.weight
+        packed = self.shared_packed
+        if packed is None or not is_packed(packed, parts) or not down.T.is_contiguous():
+            with torch.inference_mode(False):
+                packed = torch.cat([p.data for p in parts]).T.contiguous()
+                start = 0
+                for p in parts:
+                    p.data, start = packed[:, start:start + len(p)].T, start + len(p)
+                down.data = down.data.T.contiguous().T
+            self.shared_packed = packed
+        return packed
+
+
+def is_packed(packed_HC: torch.Tensor, parts) -> bool:
+    """Whether the weights `parts` ([out, H] each) are, in order, transposed views of consecutive
+    column blocks of `packed_HC`."""
+    address, strides = packed_HC.data_ptr(), (1, packed_HC.stride(0))
+    for p in parts:
+        if p.data_ptr() != address or p.stride() != strides or p.dtype != packed_HC.dtype \
+                or p.device != packed_HC.device:
+            return False
+        address += len(p) * packed_HC.element_size()
+    return True

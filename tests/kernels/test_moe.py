@@ -73,17 +73,33 @@ def test_sorted_moe_matches_hf_experts_at_larger_shape():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("expert_offset", [0, 3])
-def test_grouped_and_looped_experts_match_the_reference(dtype, expert_offset, assert_rms_close):
-    # the fast path picks one of the two by rows per expert; both must hold to the reference,
-    # including experts that get no rows and ids held by another expert-parallel rank
-    from kernels.moe_torch import experts_grouped, experts_looped, sort_by_expert
-    N, D, I, E, k = 29, 16, 8, 9, 3
+def test_each_experts_path_matches_the_reference(dtype, expert_offset, assert_rms_close):
+    # the fast path picks one of the three by rows per expert and experts touched; each must hold
+    # to the reference, including experts that get no rows and ids held by another
+    # expert-parallel rank (offset 3: global ids 0-2 and 9-11 are not held here)
+    from kernels.moe_torch import experts_grouped, experts_looped, experts_touched, sort_by_expert
+    N, D, I, E, k = 29, 16, 8, 12, 3
     x = torch.randn(N, D, dtype=dtype)
     w_gu, w_down = make_experts(6, D, I, dtype)
-    weights, ids = moe_route(torch.randn(N, E), k)
-    flat_A, _, counts_E = sort_by_expert(ids, expert_offset, 6)
-    args = (x, w_gu, w_down, flat_A // k, weights.flatten()[flat_A].to(dtype), counts_E)
+    logits = torch.randn(N, E)
+    logits[:, expert_offset + 2] = -float("inf")          # local expert 2 gets no rows
+    weights, ids = moe_route(logits, k)
+    order_A, counts_E = sort_by_expert(ids, expert_offset, 6)
+    counts = counts_E.tolist()
+    assert counts[2] == 0 and sum(counts) < N * k      # ids 6-11 (offset 0) are held elsewhere
+    flat_A = order_A[:sum(counts)]
+    args = (x, w_gu, w_down, flat_A // k, weights.flatten()[flat_A].to(dtype), counts)
     want = fused_moe_reference(x, w_gu, w_down, weights, ids, expert_offset)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert_rms_close(experts_grouped(*args), want, tol, "grouped")
-    assert_rms_close(experts_looped(*args), want, tol, "looped")
+    for experts in (experts_grouped, experts_looped, experts_touched):
+        assert_rms_close(experts(*args), want, tol, experts.__name__)
+
+
+def test_sort_by_expert_holds_local_ids_in_stable_order():
+    from kernels.moe_torch import sort_by_expert
+    ids = torch.tensor([[4, 1], [2, 4], [7, 3], [0, 2]])
+    order_A, counts_E = sort_by_expert(ids, 2, 3)          # local experts: global ids 2, 3, 4
+    assert counts_E.tolist() == [2, 1, 2]
+    assert order_A[:5].tolist() == [2, 7, 5, 0, 3]
+    assert sorted(order_A[5:].tolist()) == [1, 4, 6]       # global 1, 7, 0: held elsewhere
+    assert ids.tolist() == [[4, 1], [2, 4], [7, 3], [0, 2]]  # the router's ids are left alone
