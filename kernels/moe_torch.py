@@ -62,13 +62,14 @@ def experts_looped(x, w_gate_up, w_down, token_A, weight_A, counts):
     expert, a list), each step through the same buffers -> y [N, D]."""
     D, I2, R_max = x.shape[1], w_gate_up.shape[1], max(counts)
     x_buf, gate_up_buf, out_buf = x.new_empty(R_max, D), x.new_empty(R_max, I2), x.new_empty(R_max, D)
+    w_gate_up_ED2I, w_down_EID = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
     y = torch.zeros_like(x)
     for expert, start, end in spans(counts):
         token_R, count = token_A[start:end], end - start
         x_RD = torch.index_select(x, 0, token_R, out=x_buf[:count])
-        gate_up_R2I = torch.mm(x_RD, w_gate_up[expert].T, out=gate_up_buf[:count])
+        gate_up_R2I = torch.mm(x_RD, w_gate_up_ED2I[expert], out=gate_up_buf[:count])
         hidden_RI = silu_mul_weight_(gate_up_R2I, weight_A[start:end])
-        y.index_add_(0, token_R, torch.mm(hidden_RI, w_down[expert].T, out=out_buf[:count]))
+        y.index_add_(0, token_R, torch.mm(hidden_RI, w_down_EID[expert], out=out_buf[:count]))
     return y
 
 
@@ -76,14 +77,15 @@ def experts_touched(x, w_gate_up, w_down, token_A, weight_A, counts):
     """Gather, activation and scatter over all assignments at once, two plain GEMMs per expert
     that has rows -> y [N, D]. Few experts touched (a decode step of a few tokens): cheaper than
     grouped_mm, whose CPU fallback takes a dozen microseconds for every group, empty or not."""
-    A = len(token_A)
+    A, touched = len(token_A), list(spans(counts))
+    w_gate_up_ED2I, w_down_EID = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
     x_AD = x.index_select(0, token_A)
     gate_up_A2I = x.new_empty(A, w_gate_up.shape[1])
-    for expert, start, end in spans(counts):
-        torch.mm(x_AD[start:end], w_gate_up[expert].T, out=gate_up_A2I[start:end])
+    for expert, start, end in touched:
+        torch.mm(x_AD[start:end], w_gate_up_ED2I[expert], out=gate_up_A2I[start:end])
     hidden_AI, out_AD = silu_mul_weight_(gate_up_A2I, weight_A), x.new_empty(A, x.shape[1])
-    for expert, start, end in spans(counts):
-        torch.mm(hidden_AI[start:end], w_down[expert].T, out=out_AD[start:end])
+    for expert, start, end in touched:
+        torch.mm(hidden_AI[start:end], w_down_EID[expert], out=out_AD[start:end])
     return torch.zeros_like(x).index_add_(0, token_A, out_AD)
 
 

@@ -46,7 +46,7 @@ class Experts(nn.Module):
         [E, H, 2I] and [E, I, H]: the CPU GEMMs read each expert's weight as a plain row-major
         right operand, 5-15% faster in torch's grouped_mm (benchmarks/moe_block.py)."""
         for w in (self.gate_up_proj, self.down_proj):
-            if not w.transpose(1, 2).is_contiguous():
+            if not is_column_major(w):
                 with torch.inference_mode(False):        # a plain tensor, even if called in inference
                     w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
 
@@ -69,9 +69,10 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
         self.shared_packed: torch.Tensor | None = None   # see `pack_shared_expert`
+        self.shared_addresses: tuple[int, ...] = ()
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        weights_Tk, ids_Tk = moe_route(self.gate(x_TH), self.top_k, self.renormalize)
+        weights_Tk, ids_Tk = moe_route(F.linear(x_TH, self.gate.weight), self.top_k, self.renormalize)
         routed_TH = self.experts(x_TH, weights_Tk, ids_Tk)
         if x_TH.is_cuda:
             shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
@@ -98,29 +99,30 @@ class SparseMoE(nn.Module):
         shared_expert_gate (weights [out, H]), which are kept as transposed views of it, and
         shared_expert.down_proj [H, S] kept as a transposed view of a contiguous [S, H]: the CPU
         GEMMs then read plain row-major right operands. Packed again whenever a parameter no
-        longer is such a view (replaced storage, moved or cast model)."""
+        longer is such a view (replaced storage, moved or cast model): while `shared_packed`
+        holds its storage, no other tensor can start at the addresses of its columns."""
         parts = (self.shared_expert.gate_proj.weight, self.shared_expert.up_proj.weight,
                  self.shared_expert_gate.weight)
-        down = self.shared_expert.down_proj.weight
-        packed = self.shared_packed
-        if packed is None or not is_packed(packed, parts) or not down.T.is_contiguous():
-            with torch.inference_mode(False):
-                packed = torch.cat([p.data for p in parts]).T.contiguous()
-                start = 0
-                for p in parts:
-                    p.data, start = packed[:, start:start + len(p)].T, start + len(p)
-                down.data = down.data.T.contiguous().T
-            self.shared_packed = packed
-        return packed
+        if self.shared_packed is None or tuple(p.data_ptr() for p in parts) != self.shared_addresses:
+            self.shared_packed, self.shared_addresses = pack_columns(parts)
+            down = self.shared_expert.down_proj.weight
+            if not is_column_major(down):
+                with torch.inference_mode(False):
+                    down.data = down.data.T.contiguous().T
+        return self.shared_packed
 
 
-def is_packed(packed_HC: torch.Tensor, parts) -> bool:
-    """Whether the weights `parts` ([out, H] each) are, in order, transposed views of consecutive
-    column blocks of `packed_HC`."""
-    address, strides = packed_HC.data_ptr(), (1, packed_HC.stride(0))
-    for p in parts:
-        if p.data_ptr() != address or p.stride() != strides or p.dtype != packed_HC.dtype \
-                or p.device != packed_HC.device:
-            return False
-        address += len(p) * packed_HC.element_size()
-    return True
+def is_column_major(w: torch.Tensor) -> bool:
+    """Whether the last two dims of `w` are a transposed view of contiguous storage."""
+    return w.stride()[-2:] == (1, w.shape[-2])
+
+
+def pack_columns(parts) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Weights [out_i, H] -> ([H, sum out_i] holding them, in order, as column blocks; their new
+    addresses), each weight's data replaced in place by the transposed view of its block."""
+    with torch.inference_mode(False):                    # plain tensors, even if called in inference
+        packed_HC = torch.cat([p.data for p in parts]).T.contiguous()
+        start = 0
+        for p in parts:
+            p.data, start = packed_HC[:, start:start + len(p)].T, start + len(p)
+    return packed_HC, tuple(p.data_ptr() for p in parts)
