@@ -30,9 +30,22 @@ GROUPED_ROWS_PER_EXPERT = 128  # at most this many rows per expert on average: g
 
 
 def sort_by_expert(topk_ids, expert_offset, num_local):
+    """Assignments held here sorted by local expert -> (flat assignment index [A], local expert [A],
+    assignments per local expert [E_local]). (The Triton path's; the CPU path uses `order_by_expert`.)"""
+    local_Nk = topk_ids - expert_offset
+    held_Nk = (local_Nk >= 0) & (local_Nk < num_local)
+    flat_A = held_Nk.flatten().nonzero().squeeze(1)
+    local_A = local_Nk.flatten()[flat_A]
+    order_A = torch.argsort(local_A, stable=True)
+    flat_A, local_A = flat_A[order_A], local_A[order_A]
+    return flat_A, local_A, torch.bincount(local_A, minlength=num_local)
+
+
+def order_by_expert(topk_ids, expert_offset, num_local):
     """-> (flat (token, k) assignment indices [N * k] sorted by local expert, stably, the ones held
-    here first; assignments per local expert [E_local]). Ids held by another expert-parallel rank
-    get the key E_local, so they sort last and fall outside the counts."""
+    here first; assignments per local expert [E_local]). Same order as `sort_by_expert` in fewer
+    ops: ids held by another expert-parallel rank get the key E_local, so they sort last and fall
+    outside the counts."""
     key_A = topk_ids.flatten() - expert_offset
     if expert_offset:
         key_A.masked_fill_(key_A < 0, num_local)
@@ -106,7 +119,7 @@ def fused_moe_torch(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset=
     torch's CPU grouped_mm at that size; few (decode): one grouped GEMM per projection, or plain
     GEMMs for just the experts that have rows when they are at most half of them."""
     k, E_local = topk_ids.shape[1], w_gate_up.shape[0]
-    order_A, counts_E = sort_by_expert(topk_ids, expert_offset, E_local)
+    order_A, counts_E = order_by_expert(topk_ids, expert_offset, E_local)
     counts = counts_E.tolist()
     A = sum(counts)
     if A == 0:

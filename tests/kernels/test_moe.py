@@ -77,14 +77,14 @@ def test_each_experts_path_matches_the_reference(dtype, expert_offset, assert_rm
     # the fast path picks one of the three by rows per expert and experts touched; each must hold
     # to the reference, including experts that get no rows and ids held by another
     # expert-parallel rank (offset 3: global ids 0-2 and 9-11 are not held here)
-    from kernels.moe_torch import experts_grouped, experts_looped, experts_touched, sort_by_expert
+    from kernels.moe_torch import experts_grouped, experts_looped, experts_touched, order_by_expert
     N, D, I, E, k = 29, 16, 8, 12, 3
     x = torch.randn(N, D, dtype=dtype)
     w_gu, w_down = make_experts(6, D, I, dtype)
     logits = torch.randn(N, E)
     logits[:, expert_offset + 2] = -float("inf")          # local expert 2 gets no rows
     weights, ids = moe_route(logits, k)
-    order_A, counts_E = sort_by_expert(ids, expert_offset, 6)
+    order_A, counts_E = order_by_expert(ids, expert_offset, 6)
     counts = counts_E.tolist()
     assert counts[2] == 0 and sum(counts) < N * k      # ids 6-11 (offset 0) are held elsewhere
     flat_A = order_A[:sum(counts)]
@@ -95,14 +95,16 @@ def test_each_experts_path_matches_the_reference(dtype, expert_offset, assert_rm
         assert_rms_close(experts(*args), want, tol, experts.__name__)
 
 
-def test_sort_by_expert_holds_local_ids_in_stable_order():
-    from kernels.moe_torch import sort_by_expert
+def test_order_by_expert_holds_local_ids_in_stable_order():
+    from kernels.moe_torch import order_by_expert, sort_by_expert
     ids = torch.tensor([[4, 1], [2, 4], [7, 3], [0, 2]])
-    order_A, counts_E = sort_by_expert(ids, 2, 3)          # local experts: global ids 2, 3, 4
+    order_A, counts_E = order_by_expert(ids, 2, 3)          # local experts: global ids 2, 3, 4
     assert counts_E.tolist() == [2, 1, 2]
     assert order_A[:5].tolist() == [2, 7, 5, 0, 3]
     assert sorted(order_A[5:].tolist()) == [1, 4, 6]       # global 1, 7, 0: held elsewhere
     assert ids.tolist() == [[4, 1], [2, 4], [7, 3], [0, 2]]  # the router's ids are left alone
+    flat_A, _, counts_old_E = sort_by_expert(ids, 2, 3)     # the Triton path's: the same order
+    assert torch.equal(flat_A, order_A[:5]) and torch.equal(counts_old_E, counts_E)
 
 
 def hf_block_and_ours(D, I, E, k, dtype):
