@@ -4,12 +4,11 @@ The (token, k) assignments held here are sorted by local expert (stable, so each
 contributions are added in ascending expert order, like HF's loop over experts). Few rows per
 expert (decode): both projections of all experts in one grouped GEMM each, or plain GEMMs for
 just the experts that have rows when few do (a decode step is bound by reading the weights of
-the experts touched, so either way reads only those). Many rows (prefill):
-one expert at a time, its rows gathered and its matmuls written into buffers reused across the
-experts, its weighted rows added straight into y, so the working set is one expert's rows and
-weights: staging all A rows in [A, D] buffers first was slower (the gather, the matmul outputs
-and the scatter each stream 2 * A * D bytes through memory), and a fresh multi-MiB tensor per
-matmul costs page faults on every expert.
+the experts touched, so either way reads only those). Many rows (prefill): one expert at a
+time, its rows gathered and its matmuls written into buffers reused across the experts (SiLU in
+place on the gate half), its weighted rows added straight into y, so the working set is one
+expert's rows and weights: staging all A rows in [A, D] buffers first was slower (the gather,
+the matmul outputs and the scatter each stream 2 * A * D bytes through memory).
 
 The routing weight multiplies the [R, I] hidden before the down projection rather than the
 [R, D] output: the same product up to rounding, on a quarter of the elements (Qwen widths).
