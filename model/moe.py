@@ -6,9 +6,12 @@ An expert-parallel rank holds a contiguous slice of the experts; `expert_offset`
 id of its first one, and tokens routed elsewhere contribute nothing here.
 
 On CPU the weights are re-laid-out in place at the first forward (names, shapes and values stay
-what the checkpoint loader and state_dict see; only strides and storage change, no extra memory):
-the routed experts' in transposed storage, and the shared expert's gate_proj, up_proj and
-shared_expert_gate as row views of one [2S + 1, H] tensor, so one GEMM computes all three.
+what the checkpoint loader and state_dict see; only strides and storage change, no extra memory
+once done; the copy of one layer's weights exists for a moment): the routed experts' and the
+shared down_proj in transposed storage, and the shared expert's gate_proj, up_proj and
+shared_expert_gate as transposed column views of one [H, 2S + 1] tensor, so one GEMM computes
+all three. Weights copied in later (the checkpoint loader, load_state_dict) land in that storage;
+weights swapped in (`.data =`, a cast or a move) are laid out again at the next forward.
 
 Legend: T tokens, H hidden, E experts held, I expert width, k experts per token, S shared expert width.
 """
