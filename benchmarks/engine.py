@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-prompt", type=int, default=1024)
     ap.add_argument("--max-new", type=int, default=256)
-    ap.add_argument("--hf-batch-sizes", default="8,64")
+    ap.add_argument("--hf-batch-sizes", default="32,64")
     ap.add_argument("--decode-batches", default="1,8,32,64")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--prefill", default="1024,8192,32768")

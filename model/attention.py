@@ -111,6 +111,8 @@ def decode_attention(q_NND, k_cache, v_cache, batch: ForwardBatch) -> torch.Tens
     length (sorted), each group padded only to its own longest: padding every sequence to the
     step's longest context gathered and scored up to ~2x the keys in a mixed-length batch."""
     lens = batch.context_lens_host
+    if not lens:                                   # an expert-parallel rank's empty step
+        return torch.empty_like(q_NND)
     order = sorted(range(len(lens)), key=lens.__getitem__)
     sorted_lens = [lens[i] for i in order]
     order_N = torch.tensor(order, device=q_NND.device)
