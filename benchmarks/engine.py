@@ -170,7 +170,7 @@ def main() -> None:
         args.decode_batches, args.decode_tokens, args.prefill = "1,4", 4, "1024"
     if args.threads:
         torch.set_num_threads(args.threads)
-    lines = [SECTION, "", f"`python benchmarks/engine.py {' '.join(sys.argv[1:])}` — demo preset, "
+    lines = [SECTION, "", f"`{' '.join(['python -m benchmarks.engine'] + sys.argv[1:])}` — demo preset, "
              f"float32, {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores, load "
              f"average {os.getloadavg()[0]:.1f} at the start (other jobs share the CPU; each "
              "ratio is measured in the same run).", ""]
