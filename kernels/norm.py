@@ -24,6 +24,14 @@ def gated_rms_norm_reference(x, z, weight, eps):
     return ((weight * normed) * F.silu(z.float())).to(x.dtype)
 
 
+def gated_rms_norm_fp32(x, z, weight, eps):
+    """The reference's ops in its order for fp32 x, z and weight, two fewer fresh [R, D] buffers
+    (the weight and gate multiplies in place): bit-identical, ~1.5x faster on CPU, where every
+    fresh multi-MB buffer is page-faulted in again."""
+    r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return (x * r).mul_(weight).mul_(F.silu(z))
+
+
 def rms_norm(x, weight, eps):
     """Zero-centred RMSNorm over the last dim: x [..., D], weight [D] -> [..., D] in x's dtype."""
     if x.is_cuda:
@@ -35,4 +43,6 @@ def gated_rms_norm(x, z, weight, eps):
     """Gated RMSNorm over the last dim: x, z [..., D], weight [D] -> [..., D] in x's dtype."""
     if x.is_cuda:
         return rms_norm_triton(x, weight, eps, z)
+    if x.dtype == z.dtype == weight.dtype == torch.float32:
+        return gated_rms_norm_fp32(x, z, weight, eps)
     return gated_rms_norm_reference(x, z, weight, eps)
