@@ -1,6 +1,7 @@
-"""Gated DeltaNet on CPU, each path vs the implementation it replaced (copied below between the
-`baseline` lines), same inputs, same run: the decode delta rule (one token per sequence against a
-slot pool), the decode conv update, and the prefill causal conv.
+"""Gated DeltaNet on CPU, each path vs the implementation it replaced, same inputs, same run: the
+decode delta rule (one token per sequence against a slot pool) vs the general per-position path
+it bypasses (`recurrent_steps`), and the decode conv update and the prefill causal conv vs their
+old code (copied below between the `baseline` lines).
 
 Shapes of the `demo` preset: 4 key heads, 8 value heads, K = V = 32, conv channels 512, conv
 kernel 4, fp32. Decode figures are one engine step's worth: the call made once for each of the 6
@@ -21,8 +22,7 @@ import torch
 from kernels.conv_reference import activate
 from kernels.conv_torch import (causal_conv1d_fn_torch, causal_conv1d_update_torch, first_rows,
                                 history_rows, window_rows)
-from kernels.delta_rule_recurrent import recurrent_gated_delta_rule
-from kernels.delta_rule_reference import check_delta_rule_shapes, expand_qk, sequence_spans
+from kernels.delta_rule_recurrent import recurrent_gated_delta_rule, recurrent_steps
 
 HK, HV, K, V, C, W = 4, 8, 32, 32, 512, 3
 LAYERS, SLOTS = 6, 256
@@ -30,57 +30,8 @@ BATCHES = (1, 8, 32, 64)
 PREFILL_LENS = (3000, 1, 1095, 4096)
 
 
-# ---- baseline: the CPU paths as they were before this benchmark (commit 32acdbb) ----
-def baseline_with_zero_row(x):
-    out = torch.empty(x.shape[0] + 1, *x.shape[1:], dtype=torch.float32, device=x.device)
-    out[:-1] = x
-    out[-1] = 0
-    return out
-
-
-def baseline_step_rows(spans, seq_len):
-    starts_N = torch.tensor([b * seq_len + s for b, s, _ in spans], dtype=torch.long)
-    lens_N = torch.tensor([e - s for _, s, e in spans], dtype=torch.long)
-    steps_L = torch.arange(int(lens_N.max()) if len(spans) else 0)[:, None]
-    pad = len(spans) and spans[-1][0] * seq_len + seq_len
-    return torch.where(steps_L < lens_N, starts_N + steps_L, pad)
-
-
-def baseline_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
-                                        output_final_state=False, cu_seqlens=None,
-                                        ssm_state_indices=None, use_qk_l2norm_in_kernel=False):
-    check_delta_rule_shapes(q, k, v, g, beta)
-    B, T, H, K = q.shape
-    HV, V = v.shape[2:]
-    scale = K ** -0.5 if scale is None else scale
-    q4, k4 = expand_qk(q, k, HV, scale, use_qk_l2norm_in_kernel)
-    q_T, k_T, v_T, g_T, b_T = [baseline_with_zero_row(x.reshape(B * T, *x.shape[2:]).float())
-                               for x in (q4, k4, v, g, beta)]
-    spans = sequence_spans(B, T, cu_seqlens)
-    rows_LN = baseline_step_rows(spans, T).to(q.device)
-    N = len(spans)
-    if initial_state is None:
-        S_NHKV = torch.zeros(N, HV, K, V, dtype=torch.float32, device=q.device)
-    elif ssm_state_indices is None:
-        S_NHKV = initial_state.float().clone(memory_format=torch.contiguous_format)
-    else:
-        S_NHKV = initial_state[ssm_state_indices].float().contiguous()
-    o_T = torch.zeros(B * T + 1, HV, V, dtype=torch.float32, device=q.device)
-    flat_S = S_NHKV.view(N * HV, K, V)
-    for rows_N in rows_LN:
-        S_NHKV.mul_(g_T[rows_N].exp()[..., None, None])
-        k_NHK = k_T[rows_N]
-        read_NHV = (k_NHK.unsqueeze(-2) @ S_NHKV).squeeze(-2)
-        u_NHV = b_T[rows_N][..., None] * (v_T[rows_N] - read_NHV)
-        flat_S.baddbmm_(k_NHK.reshape(N * HV, K, 1), u_NHV.reshape(N * HV, 1, V))
-        o_T[rows_N] = (q_T[rows_N].unsqueeze(-2) @ S_NHKV).squeeze(-2)
-    o = o_T[: B * T].reshape(B, T, HV, V).to(v.dtype)
-    if ssm_state_indices is not None:
-        initial_state[ssm_state_indices] = S_NHKV.to(initial_state.dtype)
-        return o, (initial_state if output_final_state else None)
-    return o, (S_NHKV if output_final_state else None)
-
-
+# ---- baseline: the conv paths as they were before this benchmark (commit 32acdbb); the decode
+# delta rule's baseline is the general per-position path, `recurrent_steps`, still in the kernel ----
 def baseline_causal_conv1d_update_torch(x, conv_states, weight, bias=None, activation="silu",
                                         state_indices=None):
     N, C = x.shape
@@ -211,7 +162,7 @@ def main():
     with torch.inference_mode():
         print(f"\ndecode delta rule, one step = {LAYERS} layers\n{header}")
         for N in BATCHES:
-            race(N, delta_step(baseline_recurrent_gated_delta_rule), delta_step(recurrent_gated_delta_rule),
+            race(N, delta_step(recurrent_steps), delta_step(recurrent_gated_delta_rule),
                  lambda: delta_inputs(N, torch.Generator().manual_seed(N)), args.rounds)
         print(f"\ndecode conv update, one step = {LAYERS} layers\n{header}")
         for N in BATCHES:

@@ -19,6 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels.moe_reference import moe_route
+from kernels.moe_torch import sort_by_expert
 from model.moe import SparseMoE
 
 D, E, K, I, SHARED_I, LAYERS = 256, 32, 4, 256, 256, 8
@@ -26,26 +28,9 @@ DECODE_BATCHES = (1, 8, 32, 64)
 PREFILL_TOKENS = 8192
 
 
-# ---- baseline: SparseMoE.forward and kernels.moe_torch as they were before this benchmark (32acdbb) ----
+# ---- baseline: SparseMoE.forward and kernels.moe_torch as they were before this benchmark (32acdbb);
+# routing (moe_route) and sort_by_expert are unchanged and called from kernels ----
 BASELINE_GROUPED_ROWS_PER_EXPERT = 128
-
-
-def baseline_moe_route(router_logits, top_k, renormalize=True):
-    probs_NE = torch.softmax(router_logits.float(), dim=-1)
-    weights_Nk, ids_Nk = torch.topk(probs_NE, top_k, dim=-1)
-    if renormalize:
-        weights_Nk = weights_Nk / weights_Nk.sum(dim=-1, keepdim=True)
-    return weights_Nk, ids_Nk.long()
-
-
-def baseline_sort_by_expert(topk_ids, expert_offset, num_local):
-    local_Nk = topk_ids - expert_offset
-    held_Nk = (local_Nk >= 0) & (local_Nk < num_local)
-    flat_A = held_Nk.flatten().nonzero().squeeze(1)
-    local_A = local_Nk.flatten()[flat_A]
-    order_A = torch.argsort(local_A, stable=True)
-    flat_A, local_A = flat_A[order_A], local_A[order_A]
-    return flat_A, local_A, torch.bincount(local_A, minlength=num_local)
 
 
 def baseline_weighted_expert_mlp(x_RD, w_gate_up_2ID, w_down_DI, weight_R):
@@ -79,7 +64,7 @@ def baseline_experts_grouped(x, w_gate_up, w_down, token_A, weight_A, counts_E):
 
 def baseline_fused_moe_torch(x, w_gate_up, w_down, topk_weights, topk_ids, expert_offset=0):
     k = topk_ids.shape[1]
-    flat_A, _, counts_E = baseline_sort_by_expert(topk_ids, expert_offset, w_gate_up.shape[0])
+    flat_A, _, counts_E = sort_by_expert(topk_ids, expert_offset, w_gate_up.shape[0])
     token_A = flat_A // k
     weight_A = topk_weights.flatten()[flat_A].to(x.dtype)
     if len(flat_A) == 0:
@@ -91,7 +76,7 @@ def baseline_fused_moe_torch(x, w_gate_up, w_down, topk_weights, topk_ids, exper
 
 def baseline_sparse_moe(w, x_TH):
     """SparseMoE.forward on the weights dict `w` (the parameters by name, original layout)."""
-    weights_Tk, ids_Tk = baseline_moe_route(F.linear(x_TH, w["gate.weight"]), K, True)
+    weights_Tk, ids_Tk = moe_route(F.linear(x_TH, w["gate.weight"]), K, True)
     routed_TH = baseline_fused_moe_torch(x_TH, w["experts.gate_up_proj"], w["experts.down_proj"],
                                          weights_Tk, ids_Tk, 0)
     shared_TH = F.linear(F.silu(F.linear(x_TH, w["shared_expert.gate_proj.weight"]))

@@ -73,6 +73,18 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
         o_NHV = decode_step(q, k, v, g, beta, scale, initial_state, ssm_state_indices.long(),
                             use_qk_l2norm_in_kernel)
         return o_NHV.to(v.dtype).view(B, T, HV, V), (initial_state if output_final_state else None)
+    return recurrent_steps(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                           ssm_state_indices, use_qk_l2norm_in_kernel)
+
+
+def recurrent_steps(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                    cu_seqlens=None, ssm_state_indices=None, use_qk_l2norm_in_kernel=False):
+    """The general path of `recurrent_gated_delta_rule`, any number of tokens per sequence: one
+    step of batched ops per token position."""
+    check_delta_rule_shapes(q, k, v, g, beta)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    scale = K ** -0.5 if scale is None else scale
     q4, k4 = expand_qk(q, k, HV, scale, use_qk_l2norm_in_kernel)
     q_T, k_T, v_T, g_T, b_T = [with_zero_row(x.reshape(B * T, *x.shape[2:]).float()) for x in (q4, k4, v, g, beta)]
     spans = sequence_spans(B, T, cu_seqlens)
