@@ -24,6 +24,13 @@ def gated_rms_norm_reference(x, z, weight, eps):
     return ((weight * normed) * F.silu(z.float())).to(x.dtype)
 
 
+def rms_norm_fp32(x, weight, eps):
+    """The reference's ops in its order for fp32 x and weight, the scale steps in place:
+    bit-identical, ~1.2x faster on CPU."""
+    r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return (x * r).mul_(1.0 + weight)
+
+
 def gated_rms_norm_fp32(x, z, weight, eps):
     """The reference's ops in its order for fp32 x, z and weight, two fewer fresh [R, D] buffers
     (the weight and gate multiplies in place): bit-identical, ~1.5x faster on CPU, where every
@@ -36,6 +43,8 @@ def rms_norm(x, weight, eps):
     """Zero-centred RMSNorm over the last dim: x [..., D], weight [D] -> [..., D] in x's dtype."""
     if x.is_cuda:
         return rms_norm_triton(x, weight, eps)
+    if x.dtype == weight.dtype == torch.float32:
+        return rms_norm_fp32(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 

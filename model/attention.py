@@ -38,23 +38,38 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, kv_cache) -> torch.Tensor:
-        T, NH, KVH, D = x_TH.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        q_TN2D = self.q_proj(x_TH).view(T, NH, 2 * D)
-        q_TND, gate_TND = q_TN2D[..., :D], q_TN2D[..., D:]
+    def forward(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, kv_cache,
+                keep_L: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [T, H], or only the rows keep_L [L, H]. K/V of every row go into the cache either
+        way; when each kept row is its sequence's newest token (the rows that give logits) the
+        queries, attention and o_proj run for those rows alone, each over its whole context."""
+        T, KVH, D = x_TH.shape[0], self.num_kv_heads, self.head_dim
         k_TKD = self.k_proj(x_TH).view(T, KVH, D)
         v_TKD = self.v_proj(x_TH).view(T, KVH, D)
-        q_TND = RotaryEmbedding.apply(self.q_norm(q_TND), cos_TR, sin_TR)
         k_TKD = RotaryEmbedding.apply(self.k_norm(k_TKD), cos_TR, sin_TR)
         k_cache, v_cache = kv_cache
         k_cache.view(-1, KVH, D)[batch.slot_mapping] = k_TKD
         v_cache.view(-1, KVH, D)[batch.slot_mapping] = v_TKD
+        newest = None if keep_L is None or batch.is_decode else batch.newest_token_seqs(keep_L)
+        if newest is not None:
+            q_LND, gate_LX = self.queries(x_TH[keep_L], cos_TR[keep_L], sin_TR[keep_L])
+            if newest:                          # else no row is kept: nothing to attend
+                q_LND = decode_attention(q_LND, k_cache, v_cache, batch.subset(newest)[0])
+            return self.o_proj(q_LND.flatten(1) * gate_LX)
+        q_TND, gate_TX = self.queries(x_TH, cos_TR, sin_TR)
         if batch.is_decode:
             o_TND = decode_attention(q_TND, k_cache, v_cache, batch)
         else:
             o_TND = prefill_attention(q_TND, k_TKD, v_TKD, k_cache, v_cache, batch)
-        o_TX = o_TND.reshape(T, NH * D) * torch.sigmoid(gate_TND.reshape(T, NH * D))
-        return self.o_proj(o_TX)
+        o_TH = self.o_proj(o_TND.flatten(1) * gate_TX)
+        return o_TH if keep_L is None else o_TH[keep_L]
+
+    def queries(self, x_TH, cos_TR, sin_TR) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised, rotated queries [T, NH, D], the sigmoid output gate [T, NH*D])."""
+        T, NH, D = x_TH.shape[0], self.num_heads, self.head_dim
+        q_TN2D = self.q_proj(x_TH).view(T, NH, 2 * D)
+        q_TND = RotaryEmbedding.apply(self.q_norm(q_TN2D[..., :D]), cos_TR, sin_TR)
+        return q_TND, torch.sigmoid(q_TN2D[..., D:].reshape(T, NH * D))
 
 
 def gather_blocks(cache_BPKD: torch.Tensor, tables_NW: torch.Tensor) -> torch.Tensor:

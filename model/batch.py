@@ -57,6 +57,13 @@ class ForwardBatch:
         other = [i for i, d in enumerate(self.decoding) if not d]
         return [self.subset(decode), self.subset(other)]
 
+    def newest_token_seqs(self, rows_L: torch.Tensor) -> list[int] | None:
+        """The sequence of each packed row in rows_L when every one is its sequence's newest token
+        (the last of its new tokens), else None."""
+        newest = {end - 1: i for i, end in enumerate(self.cu_seqlens.tolist()[1:])}
+        seqs = [newest.get(row) for row in rows_L.tolist()]
+        return None if None in seqs else seqs
+
     def subset(self, seqs: list[int]) -> tuple["ForwardBatch", torch.Tensor]:
         """The step restricted to sequences `seqs` (no logits), and the packed rows they own."""
         cu = self.cu_seqlens.tolist()

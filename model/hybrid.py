@@ -43,15 +43,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
 
-    def forward(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, cache: HybridCache):
-        h_TH = x_TH + self.mix(self.input_layernorm(x_TH), cos_TR, sin_TR, batch, cache)
+    def forward(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, cache: HybridCache,
+                keep_L: torch.Tensor | None = None):
+        """-> [T, H], or only the rows keep_L [L, H]: the mixer still reads every row (it writes
+        the cache), the feed-forward runs on the rows kept."""
+        mixed_TH = self.mix(self.input_layernorm(x_TH), cos_TR, sin_TR, batch, cache, keep_L)
+        h_TH = (x_TH if keep_L is None else x_TH[keep_L]) + mixed_TH
         return h_TH + self.mlp(self.post_attention_layernorm(h_TH))
 
-    def mix(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, cache: HybridCache):
+    def mix(self, x_TH, cos_TR, sin_TR, batch: ForwardBatch, cache: HybridCache, keep_L=None):
         i = self.index
         if self.is_linear:
-            return self.linear_attn(x_TH, batch, cache.conv[i], cache.ssm[i])
-        return self.self_attn(x_TH, cos_TR, sin_TR, batch, cache.kv[i])
+            mixed_TH = self.linear_attn(x_TH, batch, cache.conv[i], cache.ssm[i])
+            return mixed_TH if keep_L is None else mixed_TH[keep_L]
+        return self.self_attn(x_TH, cos_TR, sin_TR, batch, cache.kv[i], keep_L)
 
 
 class TextModel(nn.Module):
@@ -64,10 +69,14 @@ class TextModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
 
     def forward(self, x_TH, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
+        """-> the final-norm hidden rows batch.logits_indices [L, H] (every row [T, H] when None).
+        Nothing reads the last layer's output of the other rows, so its feed-forward (and, in a
+        full-attention layer, the queries, attention and o_proj) runs on the L rows only."""
         cos_TR, sin_TR = self.rotary.cos_sin(batch.positions, x_TH.dtype)
-        for layer in self.layers:
+        *body, last = self.layers
+        for layer in body:
             x_TH = layer(x_TH, cos_TR, sin_TR, batch, cache)
-        return self.norm(x_TH)
+        return self.norm(last(x_TH, cos_TR, sin_TR, batch, cache, keep_L=batch.logits_indices))
 
 
 def scatter(x_TH: torch.Tensor, input_ids_T: torch.Tensor, rows_MH: torch.Tensor | None,
@@ -106,8 +115,7 @@ class HybridForCausalLM(nn.Module):
         """The final-norm hidden states [L, H] of the rows that need logits (forward without the
         lm_head): the engine turns them into logits only where it needs the whole distribution."""
         x_TH = self.model.embed_tokens(input_ids_T) if inputs_embeds_TH is None else inputs_embeds_TH
-        h_TH = self.model(x_TH, batch, cache)
-        return h_TH if batch.logits_indices is None else h_TH[batch.logits_indices]
+        return self.model(x_TH, batch, cache)
 
     def encode_images(self, pixel_values_NP: torch.Tensor, grid_thw_I3: torch.Tensor) -> torch.Tensor:
         """Vision tokens [M, H] for preprocessed images (model/image_processor.py), in order."""

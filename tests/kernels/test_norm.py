@@ -17,6 +17,14 @@ def test_norms_match_hf(dtype):
         assert torch.equal(gated_rms_norm(x, z, gated.weight, 1e-6), gated(x, z))
 
 
+def test_fp32_norm_is_the_reference_bit_for_bit():
+    from kernels.norm import rms_norm_fp32, rms_norm_reference
+    x, w = torch.randn(300, 8, 32) * 3, torch.randn(32)
+    x_before = x.clone()
+    assert torch.equal(rms_norm_fp32(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    assert torch.equal(x, x_before)                 # the input is not written
+
+
 def test_fp32_gated_norm_is_the_reference_bit_for_bit():
     from kernels.norm import gated_rms_norm_fp32, gated_rms_norm_reference
     x, z, w = torch.randn(300, 8, 32) * 3, torch.randn(300, 8, 32), torch.randn(32)

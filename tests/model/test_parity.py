@@ -163,3 +163,55 @@ def test_mixed_step_of_decodes_and_prefills_matches_transformers(pair):
     for j, i in enumerate(order):
         expected = hf_logits(ref, seqs[i])[-len(news[i]):]
         assert rel_err(logits[rows[j]:rows[j + 1]], expected) < TOL, f"sequence {i}"
+
+
+def mixed_step(ours, logits: str):
+    """The mixed step above on fresh caches, with `logits` rows: (sequences, their new tokens,
+    batch, cache)."""
+    seqs = [prompt(n, seed=300 + n) for n in (12, 40, 30, 21)]
+    cache = ours.new_cache(num_blocks=24, block_size=8, num_slots=4)
+    tables = [[0, 1], [2, 3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13]]
+    done = [11, 39, 25, 0]
+    for i in range(3):
+        step(ours, seqs[i][:done[i]], 0, tables[i], i, 8, cache)
+    news = [s[c:] for s, c in zip(seqs, done)]
+    batch = ForwardBatch.build([len(s) for s in news], done, tables, [0, 1, 2, 3], 8, logits=logits)
+    return seqs, news, batch, cache
+
+
+@pytest.mark.parametrize("rows", ["newest", "any"])
+def test_rows_asked_for_match_transformers(pair, rows):
+    """The last layer works only on the rows that give logits: each sequence's newest token
+    (queries and attention for those rows alone), or any rows (attention for all, then picked)."""
+    ref, ours, _ = pair
+    seqs, news, batch, cache = mixed_step(ours, "last")
+    cu = batch.cu_seqlens.tolist()
+    picks = ([(i, len(news[i]) - 1) for i in (2, 0, 3, 1)] if rows == "newest"
+             else [(3, 0), (1, 0), (2, 3), (3, 20)])
+    batch.logits_indices = torch.tensor([cu[i] + r for i, r in picks])
+    if rows == "newest":
+        assert batch.newest_token_seqs(batch.logits_indices) == [2, 0, 3, 1]
+    else:
+        assert batch.newest_token_seqs(batch.logits_indices) is None
+    with torch.no_grad():
+        logits = ours(torch.tensor(sum(news, [])), batch, cache)
+    assert logits.shape[0] == len(picks)
+    for got, (i, r) in zip(logits, picks):
+        expected = hf_logits(ref, seqs[i])[len(seqs[i]) - len(news[i]) + r]
+        assert rel_err(got, expected) < TOL, f"sequence {i} row {r}"
+
+
+def test_step_without_logits_still_fills_the_caches(pair):
+    """A step that asks for no logits skips the last layer's queries and feed-forward; the K/V
+    and recurrent state it writes are still what the next steps read."""
+    ref, ours, _ = pair
+    seqs, news, batch, cache = mixed_step(ours, "none")
+    with torch.no_grad():
+        assert ours(torch.tensor(sum(news, [])), batch, cache).shape[0] == 0
+    extra = [prompt(2, seed=400 + i) for i in range(4)]
+    tables = [[0, 1], [2, 3, 4, 5, 6, 14], [7, 8, 9, 10], [11, 12, 13]]
+    nxt = ForwardBatch.build([2] * 4, [len(s) for s in seqs], tables, [0, 1, 2, 3], 8, logits="all")
+    with torch.no_grad():
+        logits = ours(torch.tensor(sum(extra, [])), nxt, cache)
+    for i, (s, e) in enumerate(zip(seqs, extra)):
+        assert rel_err(logits[2 * i:2 * i + 2], hf_logits(ref, s + e)[-2:]) < TOL, f"sequence {i}"
