@@ -1,13 +1,16 @@
 """Gated DeltaNet on CPU, each path vs the implementation it replaced, same inputs, same run: the
 decode delta rule (one token per sequence against a slot pool) vs the general per-position path
-it bypasses (`recurrent_steps`), and the decode conv update and the prefill causal conv vs their
-old code (copied below between the `baseline` lines).
+it bypasses (`recurrent_steps`), the decode conv update and the prefill causal conv vs their
+old code (copied below between the `baseline` lines), and the chunked (prefill) delta rule with
+its windows of `WINDOW_TOKENS` tokens vs the 256 it had before (same code, the constant set back).
 
 Shapes of the `demo` preset: 4 key heads, 8 value heads, K = V = 32, conv channels 512, conv
 kernel 4, fp32. Decode figures are one engine step's worth: the call made once for each of the 6
 GDN layers, each layer with its own pools (256 slots; the batch's slots drawn at random, not
 contiguous), so the slots come from memory as in the engine. Prefill conv: 8192 packed tokens in
-four sequences, one of them a single token, warm states. The two paths take turns, each figure
+four sequences, one of them a single token, warm states. Chunked delta rule: one layer's call on
+a prompt step of the engine benchmark's workload (its first 12 prompts, 6229 tokens), one 8192-token
+prompt, and 64 prompts of 128 tokens. The two paths take turns, each figure
 the best of `--rounds`, since the machine is shared and noisy.
 
 Run: python -m benchmarks.gdn [--threads 1] [--rounds 7]
@@ -19,6 +22,7 @@ import time
 
 import torch
 
+import kernels.delta_rule_chunked as chunked
 from kernels.conv_reference import activate
 from kernels.conv_torch import (causal_conv1d_fn_torch, causal_conv1d_update_torch, first_rows,
                                 history_rows, window_rows)
@@ -150,6 +154,33 @@ def prefill_call(fn):
     return run
 
 
+BASELINE_WINDOW_TOKENS = 256
+CHUNKED_CASES = {"12 workload prompts": (896, 540, 505, 934, 553, 426, 827, 668, 433, 264, 56, 127),
+                 "one prompt": (8192,), "64 short prompts": (128,) * 64}
+
+
+def chunked_arg(lens):
+    gen = torch.Generator().manual_seed(0)
+    T = sum(lens)
+    q, k = torch.randn(2, 1, T, HK, K, generator=gen).unbind(0)
+    v = torch.randn(1, T, HV, V, generator=gen)
+    g, beta = -0.5 * torch.rand(1, T, HV, generator=gen), torch.rand(1, T, HV, generator=gen)
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    return q, k, v, g, beta, 0.1 * torch.randn(len(lens), HV, K, V, generator=gen), cu
+
+
+def chunked_call(window_tokens):
+    def run(arg):
+        q, k, v, g, beta, state, cu = arg
+        saved, chunked.WINDOW_TOKENS = chunked.WINDOW_TOKENS, window_tokens
+        try:
+            return chunked.chunked_gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu,
+                                                    use_qk_l2norm_in_kernel=True)[0]
+        finally:
+            chunked.WINDOW_TOKENS = saved
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -173,6 +204,12 @@ def main():
               f"{header.replace('batch', 'tokens')}")
         race(sum(PREFILL_LENS), prefill_call(baseline_causal_conv1d_fn_torch),
              prefill_call(causal_conv1d_fn_torch), prefill_arg, args.rounds)
+        print(f"\nchunked delta rule, one layer, windows of {BASELINE_WINDOW_TOKENS} vs "
+              f"{chunked.WINDOW_TOKENS} tokens")
+        for label, lens in CHUNKED_CASES.items():
+            print(f"{label} ({sum(lens)} tokens)")
+            race(sum(lens), chunked_call(BASELINE_WINDOW_TOKENS), chunked_call(chunked.WINDOW_TOKENS),
+                 lambda: chunked_arg(lens), args.rounds)
 
 
 if __name__ == "__main__":
